@@ -162,4 +162,13 @@ def umd_loss(model, x0, y, abar, knobs, t=None, eps=None, masks=(None, None)):
     return loss, parts
 
 
+def train_flops_per_image(model, knobs):
+    """Analytic training FLOPs per image of umd_loss: forward + backward (3x forward) of each
+    branch, weighted by its share of the batch. For MFU and the UMD-vs-DiT cost ratio."""
+    r = knobs.no_noise_prob
+    noisy = model.forward_flops(knobs.mask_ratio_noisy) if r < 1 else 0
+    clean = model.forward_flops(knobs.mask_ratio_clean) if r > 0 else 0
+    return 3 * ((1 - r) * noisy + r * clean)
+
+
 LOSSES = {"umd": umd_loss}  # name -> loss function; add a new corruption scheme here

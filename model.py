@@ -231,6 +231,23 @@ class UMD(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def forward_flops(self, mask_ratio=0.0):
+        """Matmul FLOPs (2 per multiply-add) of one forward of one image. Masked tokens skip
+        the encoder, which is where UMD's cost advantage over DiT comes from."""
+        c, L = self.config, self.num_tokens
+        D, hidden, out = c.width, int(c.width * c.mlp_ratio), c.patch_size ** 2 * 2 * c.channels
+        kept = int(L * (1 - mask_ratio))
+        extra = 0 if c.adaln else 1  # the cond token of the no-AdaLN variant
+
+        def block(n):  # qkv + out projection, MLP, QK^T and AV, AdaLN modulation
+            n += extra
+            return 2 * n * D * (4 * D + 2 * hidden) + 4 * n * n * D + (12 * D * D if c.adaln else 0)
+        embed = 2 * L * D * c.patch_size ** 2 * c.channels + 8 * D * D  # patches, time MLP
+        if self.label_embed is not None:
+            embed += 8 * D * D
+        head = 2 * L * D * out + (4 * D * D if c.adaln else 0)
+        return embed + c.depth * block(kept + c.num_cls_tokens) + c.dec_depth * block(L + 1) + head
+
     def add_label_embedding(self, num_classes):
         """Fresh label table + MLP on a model pre-trained without labels (fine-tuning)."""
         if num_classes < 1:

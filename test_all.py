@@ -401,3 +401,22 @@ def test_knobs_validation():
 def test_pixel_mask_matches_explicit_loops():
     mask = fixed_masks(3, 16, 5, 7)
     assert torch.equal(pixel_mask(mask.float(), 4), explicit_pixel_mask(mask, 4, 16))
+
+
+def test_forward_flops_match_counted_matmuls():
+    from torch.utils.flop_counter import FlopCounterMode
+    for adaln, ratio, classes in ((True, 0.0, 0), (True, 0.5, 10), (False, 0.75, 0)):
+        model = micro(channels=3, adaln=adaln, num_classes=classes).eval()
+        with FlopCounterMode(display=False) as counter:
+            model(torch.randn(1, 3, 16, 16), torch.zeros(1, dtype=torch.long), mask_ratio=ratio)
+        counted = sum(counter.get_flop_counts()["Global"].values())  # linear layers + conv
+        kept, extra = int(16 * (1 - ratio)), 0 if adaln else 1
+        attention = sum(4 * n * n * 64 for n in [kept + 4 + extra] * 2 + [17 + extra])  # QK^T, AV
+        assert model.forward_flops(ratio) == counted + attention
+
+
+def test_umd_over_dit_flops_is_058_for_B4_at_64px():
+    from corrupt import train_flops_per_image
+    model = UMD(ModelConfig.from_name("B/4", image_size=64))
+    ratio = train_flops_per_image(model, preset("umd")) / train_flops_per_image(model, preset("dit"))
+    assert ratio == pytest.approx(0.58, abs=0.005)
