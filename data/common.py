@@ -1,0 +1,262 @@
+"""The on-disk dataset format, shared by the prepare scripts and by train.py, probe.py and fid.py.
+
+A prepared dataset is a folder, by default data/<name>/, holding
+    train.npy         uint8 (N, H, W, C) with H == W and C in {1, 3}, read memory-mapped
+    train_labels.npy  int64 (N,), values in [0, num_classes)
+    val.npy, val_labels.npy   the same for the held-out split
+    meta.json         {"name", "image_size", "channels", "num_classes", "classes", "splits": {split: N}}
+Every file is written to a temporary name first and then renamed, so a crash leaves no half-written file.
+"""
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_ROOT = REPO_ROOT / "data"
+SCRIPTS = {"fashion_mnist": "", "cifar10": "", "imagenet64": " --src DIR", "folder": " --src DIR"}
+
+
+def prepare_hint(data_dir):
+    """The command that (re)makes data_dir, for error messages."""
+    d = Path(data_dir)
+    if d.name in SCRIPTS:
+        cmd = f"python data/{d.name}/prepare.py{SCRIPTS[d.name]}"
+        return cmd if d.resolve() == (DATA_ROOT / d.name).resolve() else cmd + f" --out {d}"
+    return f"python data/<name>/prepare.py --out {d}  (<name>: {', '.join(SCRIPTS)})"
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _tmp(path):
+    return path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
+
+
+def _save_atomic(path, arr):
+    tmp = _tmp(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _check_shape(shape, what):
+    if len(shape) != 4 or shape[1] != shape[2] or shape[3] not in (1, 3) or min(shape[1:]) < 1:
+        raise ValueError(f"{what}: expected images of shape (N, S, S, C) with C 1 or 3, got {tuple(shape)}")
+
+
+def _check_labels(labels, n, what):
+    labels = np.asarray(labels)
+    if n == 0:
+        raise ValueError(f"{what}: the split is empty (0 images)")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{what}: labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+    if len(labels) != n:
+        raise ValueError(f"{what}: {n} images but {len(labels)} labels")
+    if labels.min() < 0:
+        raise ValueError(f"{what}: negative label {labels.min()}")
+    return labels.astype(np.int64)
+
+
+def write_split(out_dir, split, images, labels):
+    """Write <split>.npy (uint8 N,H,W,C) and <split>_labels.npy (int64) into out_dir."""
+    what = f"{split} split for {out_dir}"
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        raise ValueError(f"{what}: images must be a uint8 numpy array, got {getattr(images, 'dtype', type(images))}")
+    _check_shape(images.shape, what)
+    labels = _check_labels(labels, len(images), what)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_atomic(out / f"{split}_labels.npy", labels)
+    _save_atomic(out / f"{split}.npy", images)
+
+
+class SplitWriter:
+    """Write a split too big for RAM row by row into a memory-mapped temporary .npy:
+        with SplitWriter(out, "train", (N, S, S, C)) as w:
+            w.images[i:j] = ...
+            w.close(labels)      # keeps the first len(labels) rows (fewer when inputs were skipped)
+    Leaving the block without close() deletes the temporary file."""
+
+    def __init__(self, out_dir, split, shape):
+        self.what, self.out, self.split = f"{split} split for {out_dir}", Path(out_dir), split
+        _check_shape(shape, self.what)
+        if shape[0] < 1:
+            raise ValueError(f"{self.what}: the split is empty (0 images)")
+        self.out.mkdir(parents=True, exist_ok=True)
+        need, free = int(np.prod(shape)), shutil.disk_usage(self.out).free
+        if need > free:  # a memmap write to a full disk would kill the process with SIGBUS
+            raise OSError(f"{self.what}: needs {need / 1e9:.1f} GB but {self.out} has {free / 1e9:.1f} GB free")
+        self.tmp = _tmp(self.out / f"{split}.npy")
+        self.images = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.uint8, shape=tuple(shape))
+
+    def close(self, labels):
+        n = len(labels)
+        labels = _check_labels(labels, n, self.what)
+        if n > len(self.images):
+            raise ValueError(f"{self.what}: {n} labels for {len(self.images)} images")
+        if n < len(self.images):  # copy the rows kept into a smaller file, in chunks
+            tmp2 = self.tmp.with_name(self.tmp.stem + "b.npy")
+            small = np.lib.format.open_memmap(tmp2, mode="w+", dtype=np.uint8, shape=(n,) + self.images.shape[1:])
+            for i in range(0, n, 4096):
+                small[i:i + 4096] = self.images[i:min(i + 4096, n)]
+            self.abort()
+            self.tmp, self.images = tmp2, small
+        self.images.flush()
+        self.images = None
+        _save_atomic(self.out / f"{self.split}_labels.npy", labels)
+        os.replace(self.tmp, self.out / f"{self.split}.npy")
+        self.tmp = None
+
+    def abort(self):
+        self.images = None
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.abort()
+
+
+def write_meta(out_dir, name, classes, image_size, channels, splits):
+    """Write meta.json; returns the dict written."""
+    meta = {"name": name, "image_size": int(image_size), "channels": int(channels),
+            "num_classes": len(classes), "classes": [str(c) for c in classes],
+            "splits": {k: int(v) for k, v in splits.items()}}
+    path = Path(out_dir) / "meta.json"
+    tmp = path.with_name(f"meta.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, path)
+    return meta
+
+
+# ----------------------------------------------------------------------------- reading
+
+def load_meta(data_dir):
+    """Read and check data_dir/meta.json."""
+    d = Path(data_dir)
+    path = d / "meta.json"
+    if not d.is_dir():
+        raise FileNotFoundError(f"data dir {d} does not exist; make it with `{prepare_hint(d)}`")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; (re)make the dataset with `{prepare_hint(d)}`")
+    try:
+        meta = json.loads(path.read_text())
+        ok = (isinstance(meta["image_size"], int) and meta["image_size"] > 0 and meta["channels"] in (1, 3)
+              and meta["num_classes"] == len(meta["classes"]) > 0 and isinstance(meta["splits"], dict))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a valid meta.json ({e!r}); re-make it with `{prepare_hint(d)}`") from None
+    if not ok:
+        raise ValueError(f"{path} is not a valid meta.json: need image_size > 0, channels 1 or 3, "
+                         f"num_classes == len(classes) > 0 and a splits dict; got {meta}")
+    return meta
+
+
+def _np_load(path, hint, **kw):
+    try:
+        return np.load(path, **kw)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path} is corrupt or truncated ({e}); re-make it with `{hint}`") from None
+
+
+def load_split(data_dir, split="train"):
+    """Return (images, labels, meta): images a read-only memmap uint8 (N, H, W, C), labels int64 (N,)."""
+    d = Path(data_dir)
+    meta = load_meta(d)
+    hint = prepare_hint(d)
+    if split not in meta["splits"]:
+        raise FileNotFoundError(f"{d} has no '{split}' split (meta.json lists {sorted(meta['splits'])}); "
+                                f"make it with `{hint}`")
+    ipath, lpath = d / f"{split}.npy", d / f"{split}_labels.npy"
+    for p in (ipath, lpath):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} is missing; re-make the dataset with `{hint}`")
+    x = _np_load(ipath, hint, mmap_mode="r")
+    y = _np_load(lpath, hint)
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise ValueError(f"{ipath} holds {x.dtype} {x.shape}, expected uint8 (N, H, W, C)")
+    if y.dtype != np.int64 or y.ndim != 1:
+        raise ValueError(f"{lpath} holds {y.dtype} {y.shape}, expected int64 (N,)")
+    if len(x) == 0:
+        raise ValueError(f"{ipath} is empty (0 images); re-make it with `{hint}`")
+    if len(x) != len(y):
+        raise ValueError(f"{ipath} holds {len(x)} images but {lpath} holds {len(y)} labels")
+    s, c, k = meta["image_size"], meta["channels"], meta["num_classes"]
+    if x.shape[1:] != (s, s, c):
+        raise ValueError(f"{ipath} holds {'x'.join(map(str, x.shape[1:]))} images "
+                         f"but {d / 'meta.json'} says {s}x{s}x{c}")
+    if meta["splits"][split] != len(x):
+        raise ValueError(f"{ipath} holds {len(x)} images but {d / 'meta.json'} says {meta['splits'][split]}")
+    if y.min() < 0 or y.max() >= k:
+        raise ValueError(f"{lpath} has labels in [{y.min()}, {y.max()}] but meta.json has {k} classes "
+                         f"(labels must lie in [0, {k}))")
+    return x, y, meta
+
+
+def check_geometry(meta, image_size, channels, where):
+    """Raise a clear error when the data (meta) and the config disagree; None means 'take the data's'."""
+    s, c = meta["image_size"], meta["channels"]
+    want_s = s if image_size is None else image_size
+    want_c = c if channels is None else channels
+    if (want_s, want_c) != (s, c):
+        raise ValueError(f"data dir {where} holds {s}x{s}x{c} images but the config asks for "
+                         f"{want_s}x{want_s}x{want_c}")
+
+
+# ----------------------------------------------------------------------------- prepare-script helpers
+
+def planar_to_hwc(data, size, channels=3):
+    """(N, C*S*S) rows of channel planes (CIFAR, downsampled ImageNet) -> (N, S, S, C) view."""
+    return data.reshape(len(data), channels, size, size).transpose(0, 2, 3, 1)
+
+
+def md5sum(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url, dest, md5=None, timeout=30):
+    """Fetch url to dest (through a .part file), checking md5 if given; any failure raises OSError."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    print(f"downloading {url} -> {dest}")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
+            while block := r.read(1 << 20):
+                f.write(block)
+        if md5 is not None and md5sum(part) != md5:
+            raise OSError(f"checksum mismatch (md5 {md5sum(part)}, expected {md5})")
+        os.replace(part, dest)
+    except (OSError, ValueError) as e:  # URLError, timeouts and bad URLs
+        part.unlink(missing_ok=True)
+        raise OSError(f"download of {url} failed: {e}") from None
+
+
+def print_summary(out_dir, meta, t0):
+    s, c = meta["image_size"], meta["channels"]
+    counts = ", ".join(f"{k} {v}" for k, v in meta["splits"].items())
+    print(f"{meta['name']}: {counts} images of {s}x{s}x{c}, {meta['num_classes']} classes "
+          f"-> {out_dir} ({time.time() - t0:.1f} s)")
+
+
+def cli(main):
+    """Run a prepare script's main(): bad input ends with a one-line error instead of a traceback."""
+    try:
+        main()
+    except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
+        sys.exit(f"error: {e}")

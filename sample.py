@@ -1,0 +1,368 @@
+"""
+Sampling from a UMD checkpoint: DDIM with classifier-free guidance, an ADM-style npz for FID,
+a PNG grid, and an MAE-style reconstruction picture.
+
+    python sample.py --ckpt out/ckpt.pt --num_samples 50000 --cfg_scale 1.5 --steps 125
+    torchrun --nproc_per_node 8 sample.py --ckpt out/ckpt.pt --num_samples 50000 --cfg_scale 1.5
+    python sample.py --ckpt out/ckpt.pt --uncond --num_samples 64     # null label / no label table
+    python sample.py --ckpt out/ckpt.pt --recon out/recon.png --data data/cifar10 --mask_ratio 0.75
+
+DDIM as in ../shared/spec/UMD_SPEC.md section 3 (the reference's sampler): timesteps
+arange(T-1, 0, -(T // S)) then 0; for each pair (t, t_next) the model runs at t_model = t + 1,
+x0_hat = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t) with eps from the eps head (or derived from
+the x0 head), clipped to [-1, 1] for pixels (never for latents) and eps recomputed from it, then
+    sigma = eta sqrt((1 - abar_next) / (1 - abar_t)) sqrt(1 - abar_t / abar_next)
+    x = sqrt(abar_next) x0_hat + sqrt(1 - abar_next - sigma^2) eps + sigma z
+and one last call at t = 0 whose x0_hat is the sample. Image i draws all its noise from its
+own generator seeded from (seed, i), so it is the same whatever the batch size or world size.
+"""
+import argparse
+import functools
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from corrupt import make_schedule, pixel_mask
+from model import load_checkpoint
+
+
+# ---- DDIM ---------------------------------------------------------------------------------
+def ddim_timesteps(steps, T=1000):
+    """S = 125 -> [999, 991, ..., 7, 0]: S pairs (t, t_next), then the final call at 0."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ValueError(f"steps must be an integer in [1, {T}] (T = {T}), got {steps!r}")
+    return list(range(T - 1, 0, -(T // steps))) + [0]
+
+
+def ddim_sample(denoise, x, abar, steps, eta=1.0, clip=True, eps_from="eps", noise_fn=None):
+    """Run DDIM from x = x_T. denoise(x, t_model) -> (x0_pred, eps_pred); abar float64 (T,).
+    noise_fn() -> z like x (called once per pair when eta > 0). Returns the final x0_hat."""
+    if eps_from not in ("eps", "x0"):
+        raise ValueError(f"eps_from must be 'eps' or 'x0', got {eps_from!r}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    ab = [float(a) for a in abar]  # float64 schedule -> python floats for the coefficients
+    ts = ddim_timesteps(steps, len(ab))
+    noise_fn = noise_fn or (lambda: torch.randn_like(x))
+
+    def predict(x, t):
+        a = ab[t]
+        x0_pred, eps_pred = denoise(x, torch.full((x.shape[0],), t + 1, dtype=torch.long, device=x.device))
+        if eps_from == "eps":
+            eps = eps_pred
+            x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        else:  # eps derived from the x0 head, so x0_hat is the x0 head's output
+            x0 = x0_pred
+            eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        return x0, eps
+
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x0, eps = predict(x, t)
+        a, a_next = ab[t], ab[t_next]
+        sigma = eta * math.sqrt((1 - a_next) / (1 - a)) * math.sqrt(1 - a / a_next)
+        x = math.sqrt(a_next) * x0 + math.sqrt(max(1 - a_next - sigma ** 2, 0.0)) * eps
+        if eta > 0:
+            x = x + sigma * noise_fn()
+    return predict(x, 0)[0]
+
+
+class SampleNoise:
+    """Noise for the images `indices`: one CPU generator per image, seeded from (seed, i).
+    Each call returns the next (n, *shape) standard normal draw, moved to `device`."""
+
+    def __init__(self, indices, seed, shape, device="cpu"):
+        self.gens = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+        self.shape, self.device = tuple(shape), device
+
+    def __call__(self):
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.gens]).to(self.device)
+
+
+def make_denoiser(model, y=None, cfg_scale=1.0, autocast_dtype=None):
+    """denoise(x, t_model) -> float32 (x0_pred, eps_pred). y None: unconditional (the null
+    label on a model with labels). cfg_scale != 1: cond + uncond in one batched forward."""
+    device_type = next(model.parameters()).device.type
+
+    def denoise(x, t_model):
+        with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            if cfg_scale != 1:
+                x0, eps = model.forward_with_cfg(x, t_model, y, cfg_scale)
+            else:
+                x0, eps, _ = model(x, t_model, y)
+        return x0.float(), eps.float()
+    return denoise
+
+
+# ---- many images ----------------------------------------------------------------------------
+def to_uint8(x):
+    """[-1, 1] NCHW tensor -> uint8 NHWC numpy, (x + 1) * 127.5 rounded."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_labels(n, num_classes, given=None):
+    """Label of image i: i % num_classes (balanced), or given[i % len(given)]."""
+    if given is None:
+        return np.arange(n, dtype=np.int64) % num_classes
+    given = np.asarray(given, dtype=np.int64).reshape(-1)
+    if len(given) == 0 or given.min() < 0 or given.max() >= num_classes:
+        raise ValueError(f"labels must be class ids in [0, {num_classes}), got {given.tolist()[:20]}")
+    return given[np.arange(n) % len(given)]
+
+
+def in_eval_mode(fn):
+    """Run fn(model, ...) in eval mode (no label dropout), then give the model its mode back."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+    return wrapper
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+@torch.inference_mode()
+@in_eval_mode
+def sample_images(model, abar, n, steps=250, cfg_scale=1.0, eta=1.0, seed=0, labels=None, uncond=False,
+                  batch_size=64, device=None, clip=True, eps_from="eps", autocast_dtype=None,
+                  rank=0, world_size=1, progress=False):
+    """Sample images rank, rank + world_size, ... < n (all n by default), in index order.
+    -> (samples, labels): samples uint8 (m, H, W, C), or with clip=False (latent models) raw
+    float32 latents (m, H, W, C); labels int64 (m,), or None when sampling unconditionally.
+    labels: None = balanced (i % num_classes) on a model with labels, or a list of class ids
+    (image i gets labels[i % len(labels)]). uncond=True (or a model without labels): null label."""
+    c, K = model.config, model.config.num_classes
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of samples must be a positive integer, got {n!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    ddim_timesteps(steps, len(abar))
+    if K == 0 or uncond:
+        why = "this model has no labels (trained without them)" if K == 0 else "sampling is unconditional"
+        if cfg_scale != 1:
+            raise ValueError(f"classifier-free guidance (cfg_scale {cfg_scale}) needs class labels but {why}; "
+                             "use cfg_scale 1")
+        if labels is not None:
+            raise ValueError(f"labels were given but {why}")
+        all_labels = None
+    else:
+        all_labels = make_labels(n, K, labels)
+    device = device or next(model.parameters()).device
+    indices = np.arange(rank, n, world_size)
+    shape = (c.channels, c.image_size, c.image_size)
+    out = np.zeros((len(indices), c.image_size, c.image_size, c.channels), np.uint8 if clip else np.float32)
+    t0 = last = time.time()
+    for b in range(0, len(indices), batch_size):
+        idx = indices[b:b + batch_size]
+        noise = SampleNoise(idx, seed, shape, device)
+        y = None if all_labels is None else torch.from_numpy(all_labels[idx]).to(device)
+        denoise = make_denoiser(model, y, cfg_scale, autocast_dtype)
+        x = ddim_sample(denoise, noise(), abar, steps, eta, clip, eps_from, noise)
+        out[b:b + len(idx)] = to_uint8(x) if clip else x.permute(0, 2, 3, 1).cpu().numpy()
+        done, now = b + len(idx), time.time()
+        if progress and (now - last > 10 or done == len(indices) or b == 0):
+            last, rate = now, done * world_size / (now - t0)  # rank 0 speaks for all ranks
+            print(f"sampled {min(done * world_size, n)}/{n}  {rate:.2f} img/s  "
+                  f"ETA {fmt_time((n - done * world_size) / rate if done < len(indices) else 0)}",
+                  file=sys.stderr, flush=True)
+    return out, None if all_labels is None else all_labels[indices]
+
+
+def gather_samples(local, n, rank, world_size, device):
+    """Rank 0 gets all n samples in index order (rank r holds r, r + W, ...); others get None."""
+    per = -(-n // world_size)
+    buf = torch.zeros((per,) + local.shape[1:], dtype=torch.from_numpy(local).dtype, device=device)
+    buf[:len(local)] = torch.from_numpy(local).to(device)
+    parts = [torch.empty_like(buf) for _ in range(world_size)] if rank == 0 else None
+    dist.gather(buf, parts, dst=0)
+    if rank != 0:
+        return None
+    out = np.empty((n,) + local.shape[1:], local.dtype)
+    for r, part in enumerate(parts):
+        out[r::world_size] = part[:len(range(r, n, world_size))].cpu().numpy()
+    return out
+
+
+# ---- pictures -----------------------------------------------------------------------------
+def save_grid(images, path, ncols=8, pad=2):
+    """uint8 (N, H, W, C) with C 1 (saved as 'L') or 3 -> one PNG, ncols per row."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) or len(images) == 0:
+        raise ValueError(f"save_grid needs uint8 images (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
+    n, h, w, c = images.shape
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    canvas = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, ncols)
+        canvas[pad + r * (h + pad):(r + 1) * (h + pad), pad + col * (w + pad):(col + 1) * (w + pad)] = img
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(path)
+    return path
+
+
+def grid_images(images, labels=None, ncols=8, max_rows=10):
+    """The first samples; with labels one row per class (first max_rows classes, ncols each)."""
+    if labels is None:
+        return images[:ncols * max_rows]
+    rows = []
+    for k in list(dict.fromkeys(labels.tolist()))[:max_rows]:
+        row = images[labels == k][:ncols]
+        rows.append(np.concatenate([row, np.zeros((ncols - len(row),) + images.shape[1:], images.dtype)]))
+    return np.concatenate(rows)
+
+
+@torch.inference_mode()
+@in_eval_mode
+def reconstruct(model, images, mask_ratio=0.75, seed=0):
+    """Clean branch (t_model 0, null label) on uint8 NHWC images with a seeded random mask.
+    -> (masked input with masked patches grey, reconstruction with the visible patches pasted
+    back from the original as MAE shows it; the raw output when mask_ratio is 0), uint8 NHWC."""
+    if not 0 <= mask_ratio < 1:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    c, L = model.config, model.num_tokens
+    images = np.asarray(images)
+    if images.shape[1:] != (c.image_size, c.image_size, c.channels):
+        raise ValueError(f"the model takes {c.image_size}x{c.image_size}x{c.channels} images, got {images.shape[1:]}")
+    device = next(model.parameters()).device
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    keep = int(L * (1 - mask_ratio))
+    if keep < 1:
+        raise ValueError(f"mask_ratio {mask_ratio} keeps no patch of {L}")
+    noise = torch.rand(len(x), L, generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(len(x), L, dtype=torch.bool).scatter_(1, noise.argsort(1)[:, :keep], False)
+    t0 = torch.zeros(len(x), dtype=torch.long, device=device)
+    pred, _, _ = model(x, t0, None, mask=mask.to(device) if keep < L else None)
+    pix = pixel_mask(mask.to(device).float(), c.patch_size).bool()
+    masked = torch.where(pix, torch.zeros_like(x), x)
+    recon = torch.where(pix, pred.float(), x) if keep < L else pred.float()
+    return to_uint8(masked), to_uint8(recon)
+
+
+def save_reconstructions(model, images, path, mask_ratio=0.75, seed=0):
+    """PNG with one row per image: original | masked input | reconstruction."""
+    masked, recon = reconstruct(model, images, mask_ratio, seed)
+    rows = np.stack([np.asarray(images), masked, recon], axis=1).reshape(-1, *masked.shape[1:])
+    return save_grid(rows, path, ncols=3)
+
+
+# ---- command line -----------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="DDIM samples (ADM npz + PNG grid) or reconstructions from a UMD checkpoint")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--num_samples", type=int, default=64)
+    p.add_argument("--steps", type=int, default=250, help="DDIM steps (paper: 125 for training evals, 250)")
+    p.add_argument("--cfg_scale", type=float, default=1.0, help="1: plain conditional; 0: unconditional")
+    p.add_argument("--eta", type=float, default=1.0)
+    p.add_argument("--eps_from", choices=["eps", "x0"], default="eps", help="which head gives eps")
+    p.add_argument("--labels", default=None, help="comma-separated class ids, repeated over the images "
+                                                  "(default: balanced, image i gets class i %% num_classes)")
+    p.add_argument("--uncond", action="store_true", help="null label (models without labels always are)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=64, help="per process")
+    p.add_argument("--no_ema", action="store_true", help="use the raw weights even when EMA is stored")
+    p.add_argument("--out", default=None, help="npz path (default: next to the ckpt); the grid is .png beside it")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, else fp32")
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--recon", default=None, help="write a reconstruction PNG here instead of sampling")
+    p.add_argument("--data", default=None, help="data dir with meta.json for --recon")
+    p.add_argument("--split", default="train")
+    p.add_argument("--mask_ratio", type=float, default=0.75)
+    p.add_argument("--num_recon", type=int, default=8)
+    return p.parse_args(argv)
+
+
+def run(args, rank, world_size, device, log):
+    model, ckpt = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
+    tc = ckpt.get("train_config") or {}
+    latent, schedule = bool(tc.get("latent", False)), tc.get("schedule", "cosine")
+    ema = ckpt.get("ema") is not None and not args.no_ema
+    log(f"{args.ckpt}: step {ckpt.get('step')}, {'EMA' if ema else 'raw'} weights, {schedule} schedule, "
+        f"{'latents' if latent else 'pixels'}, {model.config.num_classes or 'no'} classes")
+    if args.recon:
+        if latent:
+            raise ValueError("reconstruction pictures need a pixel model; this checkpoint works on VAE latents")
+        if not args.data:
+            raise ValueError("--recon needs --data DIR (a prepared data dir with meta.json)")
+        if rank == 0:
+            from data.common import load_split  # lazy: sampling needs no data
+            images = load_split(args.data, args.split)[0]
+            pick = np.sort(np.random.default_rng(args.seed).choice(len(images), min(args.num_recon, len(images)), replace=False))
+            save_reconstructions(model, images[pick], args.recon, args.mask_ratio, args.seed)
+            log(f"wrote {args.recon}: original | masked ({args.mask_ratio:g}) | reconstruction, {len(pick)} rows")
+        return
+    try:
+        labels = None if args.labels is None else [int(s) for s in args.labels.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--labels must be comma-separated class ids like 1,7,9; got {args.labels!r}") from None
+    dtype = {"bf16": torch.bfloat16, "fp32": None}.get(args.dtype, torch.bfloat16 if device.type == "cuda" else None)
+    samples, y = sample_images(model, make_schedule(schedule), args.num_samples, args.steps, args.cfg_scale,
+                               args.eta, args.seed, labels, args.uncond, args.batch_size, device,
+                               clip=not latent, eps_from=args.eps_from, autocast_dtype=dtype,
+                               rank=rank, world_size=world_size, progress=not args.quiet and rank == 0)
+    if world_size > 1:
+        samples = gather_samples(samples, args.num_samples, rank, world_size, device)
+        y = None if y is None else make_labels(args.num_samples, model.config.num_classes, labels)
+    if rank != 0:
+        return
+    cond = "uncond" if y is None else f"cfg{args.cfg_scale:g}"
+    out = Path(args.out or Path(args.ckpt).parent / f"samples_{args.num_samples}_{cond}_steps{args.steps}"
+               f"{'' if args.eta == 1 else f'_eta{args.eta:g}'}.npz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as f:  # no half-written npz on a crash
+        np.savez(f, arr_0=samples, **({} if y is None else {"arr_1": y}))
+    os.replace(tmp, out)
+    if latent:
+        log(f"wrote {out}: arr_0 holds RAW LATENTS float32 {samples.shape} (N, H, W, C) at the training scale; "
+            "decode them with the VAE before fid.py (no PNG grid)")
+        return
+    log(f"wrote {out}: arr_0 uint8 {samples.shape}" + ("" if y is None else ", arr_1 labels"))
+    grid = save_grid(grid_images(samples, y), out.with_suffix(".png"))
+    log(f"wrote {grid}" + ("" if y is None else " (one row per class)"))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if args.device:
+        device = torch.device(args.device)
+    else:
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    log = (lambda msg: None) if args.quiet or rank != 0 else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        run(args, rank, world_size, device, log)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"sample.py: error: {e}")
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
