@@ -1,0 +1,340 @@
+"""
+Few-shot linear probe of the encoder's `rep` (spec section 5), the big_vision "fewshot_lsr" solver.
+
+    python probe.py --ckpt out/ckpt.pt --data data/fashion_mnist --shots 10,100
+    python probe.py --ckpt out/ckpt.pt --data data/fashion_mnist --shots full --max_test 2000
+
+For each k in --shots and each seed: take k train images per class, fit a closed-form ridge
+regression from features to 2*onehot-1 targets, report top-1 accuracy on the test split (val, or
+the last 10% of train when there is no val split). The same probe also runs on a randomly
+initialised model of the same config and on raw pixels, to show what pre-training bought.
+Prints a table (mean +- std over seeds) and writes json. train.py calls `evaluate` directly.
+
+The solver, exactly as big_vision: standardise with the mean/std of the train shots (std + 1e-5,
+the same stats for test), append a constant feature 100, ridge with lambda 1024 (the bias column
+is regularised too), via an eigendecomposition of X^T X (N >= D) or of X X^T (N < D, dual form),
+so a sweep over lambdas costs one decomposition.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model import UMD, ModelConfig, load_checkpoint
+from corrupt import make_schedule, q_sample
+
+NOISED_PRESETS = ("dit", "maskdit")  # trained without clean samples: probe at t = 50
+NOISE_T = 50
+BIAS = 100.0
+
+
+# ---- shots ------------------------------------------------------------------------------
+def class_permutations(labels, seed):
+    """One rng = default_rng(seed); for each class c in sorted order, rng.permutation of the
+    indices of class c. Returns {c: permuted indices}."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    return {int(c): rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)}
+
+
+def select_shots(labels, k, seed):
+    """Indices of the first k of each class's permutation (class order); fewer, with a warning,
+    when a class has fewer than k examples."""
+    if k < 1:
+        raise ValueError(f"shots must be >= 1, got {k}")
+    perms = class_permutations(labels, seed)
+    short = {c: len(p) for c, p in perms.items() if len(p) < k}
+    if short:
+        warnings.warn(f"{len(short)} class(es) have fewer than {k} examples, all of them are used: "
+                      + ", ".join(f"class {c}: {n}" for c, n in list(short.items())[:10]), stacklevel=2)
+    return np.concatenate([p[:k] for p in perms.values()])
+
+
+# ---- solver -----------------------------------------------------------------------------
+def fit_lsr(train_x, train_y, num_classes=None, form=None):
+    """Standardise, add the bias feature and decompose; `form` 'primal'/'dual' forces the form
+    (default: dual when N < D). Returns a fit to pass to `lsr_predict` with any lambda."""
+    x = np.array(train_x, dtype=np.float64)  # a copy, standardised in place
+    y = np.asarray(train_y)
+    if x.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"features must be (N, D) with N labels, got {x.shape} and {y.shape}")
+    if len(np.unique(y)) < 2:
+        raise ValueError(f"a linear probe needs at least 2 classes, the train shots hold {len(np.unique(y))}")
+    num_classes = int(y.max()) + 1 if num_classes is None else num_classes
+    mean, std = x.mean(0, keepdims=True), x.std(0, keepdims=True) + 1e-5
+    x -= mean
+    x /= std
+    x = np.concatenate([x, np.full((len(x), 1), BIAS)], axis=1)
+    targets = 2.0 * np.eye(num_classes)[y] - 1.0
+    n, d = x.shape
+    form = form or ("dual" if n < d else "primal")
+    if form == "primal":   # W = Q diag(1/(e + lam)) Q^T X^T Y
+        eigs, q = np.linalg.eigh(x.T @ x)
+        lhs, rhs = q, q.T @ (x.T @ targets)
+    elif form == "dual":   # W = X^T (X X^T + lam I)^-1 Y = X^T Q diag(1/(e + lam)) Q^T Y
+        eigs, q = np.linalg.eigh(x @ x.T)
+        lhs, rhs = x.T @ q, q.T @ targets
+    else:
+        raise ValueError(f"form must be 'primal' or 'dual', got {form!r}")
+    return {"mean": mean, "std": std, "eigs": eigs, "lhs": lhs, "rhs": rhs, "form": form}
+
+
+def lsr_weights(fit, lam):
+    return (fit["lhs"] / (fit["eigs"] + lam)[None]) @ fit["rhs"]
+
+
+def lsr_predict(fit, x, lam=1024.0):
+    x = (np.asarray(x, dtype=np.float64) - fit["mean"]) / fit["std"]
+    x = np.concatenate([x, np.full((len(x), 1), BIAS)], axis=1)
+    return np.argmax(x @ lsr_weights(fit, lam), axis=1)
+
+
+def fewshot_accuracy(train_x, train_y, test_x, test_y, lam=1024.0, num_classes=None, form=None):
+    """Top-1 accuracy of the big_vision closed-form probe."""
+    pred = lsr_predict(fit_lsr(train_x, train_y, num_classes, form), test_x, lam)
+    return float(np.mean(pred == np.asarray(test_y)))
+
+
+# ---- features ---------------------------------------------------------------------------
+def to_model_input(images, size, channels):
+    """uint8 (N, H, W, C) -> float (N, C, size, size) in [-1, 1]; resize shorter side + centre crop."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    if x.shape[1] != channels:
+        raise ValueError(f"the data has {x.shape[1]} channel(s) but the model expects {channels}")
+    h, w = x.shape[2:]
+    if (h, w) != (size, size):
+        s = size / min(h, w)
+        nh, nw = max(size, round(h * s)), max(size, round(w * s))
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        x = x[:, :, top:top + size, left:left + size].clamp(-1, 1)
+    return x
+
+
+@torch.no_grad()
+def extract_features(model, images, batch_size=256, device=None, noise_t=None, abar=None,
+                     noise_seed=0, quiet=True, what="features"):
+    """`rep` of uint8 NHWC images (an array, or anything with len and slicing) -> float32 (N, width). noise_t None: clean (t_model 0); an int t:
+    noised at t (t_model t + 1) with eps from default_rng(noise_seed), drawn image by image in
+    order, so the result does not depend on batch_size."""
+    c = model.config
+    device = device or next(model.parameters()).device
+    rng = np.random.default_rng(noise_seed)
+    if noise_t is not None and abar is None:
+        abar = make_schedule("cosine")
+    out, t0, last = [], time.time(), time.time()
+    for i in range(0, len(images), batch_size):
+        x = to_model_input(images[i:i + batch_size], c.image_size, c.channels).to(device)
+        t_model = torch.zeros(len(x), dtype=torch.long, device=device)
+        if noise_t is not None:
+            eps = torch.from_numpy(rng.standard_normal(x.shape, dtype=np.float32)).to(device)
+            t = torch.full((len(x),), noise_t, dtype=torch.long, device=device)
+            x, t_model = q_sample(x, t, eps, abar), t + 1
+        out.append(model.representation(x, t_model).float().cpu().numpy())
+        if not quiet and (time.time() - last > 5 or i + batch_size >= len(images)):
+            last = time.time()
+            print(f"  {what}: {min(i + batch_size, len(images))}/{len(images)} images, "
+                  f"{min(i + batch_size, len(images)) / (last - t0):.0f} img/s", file=sys.stderr)
+    return np.concatenate(out).astype(np.float32)
+
+
+def default_noise_t(ckpt):
+    """NOISE_T for checkpoints trained without clean samples (dit, maskdit), else None (clean)."""
+    knobs, tc = ckpt.get("knobs") or {}, ckpt.get("train_config") or {}
+    if "no_noise_prob" in knobs:
+        return NOISE_T if knobs["no_noise_prob"] == 0 else None
+    return NOISE_T if tc.get("preset") in NOISED_PRESETS else None
+
+
+# ---- the probe --------------------------------------------------------------------------
+def load_probe_data(data_dir, pool=None, max_test=None):
+    """(train images, labels, test images, labels, meta, test description). pool / max_test keep
+    a fixed random subset (default_rng(0), sorted) so a class-sorted file still has all classes."""
+    from data.common import load_split  # lazy: only the probe on a data dir needs it
+    x, y, meta = load_split(data_dir, "train")
+    if "val" in meta["splits"]:
+        tx, ty, _ = load_split(data_dir, "val")
+        test_name, train_idx = "val", np.arange(len(x))
+    else:  # hold out the last 10% of train
+        n_test = max(1, len(x) // 10)
+        test_name, train_idx = f"last {n_test} of train (no val split)", np.arange(len(x) - n_test)
+        tx, ty = x, y
+        test_idx = np.arange(len(x) - n_test, len(x))
+    def subset(idx, n):
+        return idx if n is None or n >= len(idx) else np.sort(np.random.default_rng(0).choice(idx, n, replace=False))
+    train_idx = subset(train_idx, pool)
+    test_idx = subset(np.arange(len(ty)) if test_name == "val" else test_idx, max_test)
+    if len(np.unique(y[train_idx])) < 2:
+        raise ValueError(f"{data_dir}: the train pool holds fewer than 2 classes; a probe needs 2 or more")
+    return x, y, train_idx, tx, ty, test_idx, meta, test_name
+
+
+class Rows:
+    """Lazy rows idx of a (memory-mapped) array: feature extraction reads one batch at a time."""
+
+    def __init__(self, array, idx):
+        self.array, self.idx = array, idx
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, s):
+        return self.array[self.idx[s]]
+
+
+def run_probe(featurize, x, y, train_idx, tx, ty, test_idx, num_classes, shots, seeds,
+              lam=1024.0, lambdas=None):
+    """featurize(images) -> features. Returns {shots: {"accs", "mean", "std", "lambdas"}}.
+    With `lambdas`, lambda is chosen per (shots, seed) on held-out train shots: the fit uses the
+    first k of each class's permutation, the choice the next max(k, 10) (full: a seeded 90/10
+    split of the pool, then a refit on all of it with the chosen lambda)."""
+    pool_y = y[train_idx]
+    test_f, test_y = featurize(Rows(tx, test_idx)), ty[test_idx]
+    plans = {}  # (shots, seed) -> (fit pool positions, held-out pool positions)
+    for k in shots:
+        for seed in ([0] if k == "full" else seeds):
+            if k == "full":
+                perm = np.random.default_rng(seed).permutation(len(pool_y))
+                plans[k, seed] = (np.arange(len(pool_y)), perm[: len(perm) // 10])
+            else:
+                perms = class_permutations(pool_y, seed)
+                nv = max(k, 10)
+                plans[k, seed] = (select_shots(pool_y, k, seed),
+                                  np.concatenate([p[k:k + nv] for p in perms.values()]))
+    need = np.unique(np.concatenate([p for plan in plans.values() for p in plan[:2 if lambdas else 1]]))
+    feats = featurize(Rows(x, train_idx[need]))  # only the train images used
+    if len(feats) > 1 and np.ptp(feats, axis=0).max() == 0:
+        warnings.warn("the features are the same for every image: the probe is at chance level "
+                      "(e.g. a freshly initialised AdaLN-Zero model, whose CLS output is constant)")
+    row = np.zeros(len(pool_y), dtype=np.int64)
+    row[need] = np.arange(len(need))
+    F_ = lambda pos: feats[row[pos]]
+    res = {}
+    for (k, seed), (fit_pos, val_pos) in plans.items():
+        chosen = lam
+        if lambdas:
+            sel_pos = np.setdiff1d(fit_pos, val_pos) if k == "full" else fit_pos
+            fit = fit_lsr(F_(sel_pos), pool_y[sel_pos], num_classes)
+            if len(val_pos):
+                vf, vy = F_(val_pos), pool_y[val_pos]
+                scores = [np.mean(lsr_predict(fit, vf, l) == vy) for l in lambdas]
+                chosen = float(lambdas[int(np.argmax(scores))])  # ties: the first in the list
+        fit = fit_lsr(F_(fit_pos), pool_y[fit_pos], num_classes)
+        acc = float(np.mean(lsr_predict(fit, test_f, chosen) == test_y))
+        r = res.setdefault(str(k), {"accs": [], "lambdas": []})
+        r["accs"].append(acc)
+        r["lambdas"].append(chosen)
+    for r in res.values():
+        r["mean"], r["std"] = float(np.mean(r["accs"])), float(np.std(r["accs"]))
+    return res
+
+
+def evaluate(model, data_dir, shots=(10,), seeds=(0,), noise_t=None, abar=None, pool=None,
+             max_test=None, device=None, batch_size=256, lam=1024.0, lambdas=None, quiet=True):
+    """Probe `model` on data_dir -> {shots: mean accuracy}. For train.py's periodic evaluation:
+    the model is put in eval mode and its train/eval mode restored afterwards."""
+    x, y, train_idx, tx, ty, test_idx, meta, _ = load_probe_data(data_dir, pool, max_test)
+    was_training = model.training
+    model.eval()
+    try:
+        featurize = lambda im: extract_features(model, im, batch_size, device, noise_t, abar, quiet=quiet)
+        res = run_probe(featurize, x, y, train_idx, tx, ty, test_idx, meta["num_classes"],
+                        parse_shots(shots), seeds, lam, lambdas)
+    finally:
+        model.train(was_training)
+    return {k: r["mean"] for k, r in res.items()}
+
+
+def parse_shots(shots):
+    out = []
+    for s in (shots.split(",") if isinstance(shots, str) else shots):
+        s = str(s).strip()
+        if s == "full":
+            out.append("full")
+            continue
+        if not s.lstrip("-").isdigit() or int(s) < 1:
+            raise ValueError(f"shots must be integers >= 1 or 'full', got {s!r}")
+        out.append(int(s))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", required=True, help="prepared data dir, e.g. data/fashion_mnist")
+    p.add_argument("--shots", default="10", help="comma list of shots per class, or 'full' (e.g. 1,5,10,25,100,full)")
+    p.add_argument("--seeds", default="0,1,2", help="shot-selection seeds (mean and std over them)")
+    p.add_argument("--lam", type=float, default=1024.0, help="ridge lambda (big_vision: 1024)")
+    p.add_argument("--lambdas", default=None, help="comma list: choose lambda on held-out train shots")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights")
+    p.add_argument("--noise_t", type=int, default=None,
+                   help=f"probe on images noised at t (-1: clean); default {NOISE_T} for dit/maskdit, else clean")
+    p.add_argument("--pool", type=int, default=None, help="cap the train pool (fixed random subset)")
+    p.add_argument("--max_test", type=int, default=None, help="cap the test set (fixed random subset)")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no_baselines", action="store_true", help="skip the random-init and raw-pixel probes")
+    p.add_argument("--out", default=None, help="json output (default <ckpt dir>/probe.json)")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    shots, seeds = parse_shots(a.shots), [int(s) for s in a.seeds.split(",")]
+    lambdas = [float(l) for l in a.lambdas.split(",")] if a.lambdas else None
+    t0 = time.time()
+    model, ckpt = load_checkpoint(a.ckpt, use_ema=a.ema, device=a.device)
+    if a.ema and ckpt.get("ema") is None:
+        warnings.warn(f"{a.ckpt} has no EMA weights; using the raw weights")
+    noise_t = default_noise_t(ckpt) if a.noise_t is None else (None if a.noise_t < 0 else a.noise_t)
+    abar = make_schedule((ckpt.get("train_config") or {}).get("schedule", "cosine"))
+    x, y, train_idx, tx, ty, test_idx, meta, test_name = load_probe_data(a.data, a.pool, a.max_test)
+    name = (ckpt.get("train_config") or {}).get("preset") or "ckpt"
+    log = (lambda *m: None) if a.quiet else (lambda *m: print(*m, file=sys.stderr))
+    log(f"probe: {a.ckpt} (step {ckpt.get('step')}, {name}, {'EMA' if a.ema else 'raw'} weights, "
+        f"{'clean' if noise_t is None else f'noised at t={noise_t}'}) on {a.data}: pool {len(train_idx)} train, "
+        f"test {len(test_idx)} ({test_name})")
+    models = {"ckpt": model}
+    if not a.no_baselines:
+        torch.manual_seed(0)
+        models["random_init"] = UMD(ModelConfig(**ckpt["model_config"])).to(a.device).eval()
+        models["raw_pixels"] = None
+    results = {}
+    for key, m in models.items():
+        log(f"[{key}]")
+        if m is None:  # raw pixels at the model's size, in [-1, 1]
+            c = model.config
+            feat = lambda im: np.concatenate([to_model_input(im[i:i + a.batch_size], c.image_size, c.channels)
+                                              .flatten(1).numpy() for i in range(0, len(im), a.batch_size)])
+        else:
+            feat = lambda im, m=m: extract_features(m, im, a.batch_size, a.device, noise_t, abar,
+                                                    quiet=a.quiet, what=key)
+        results[key] = run_probe(feat, x, y, train_idx, tx, ty, test_idx, meta["num_classes"],
+                                 shots, seeds, a.lam, lambdas)
+    cols = {"ckpt": name, "random_init": "random init", "raw_pixels": "raw pixels"}
+    print(f"{'shots':>6} | " + " | ".join(f"{cols[k]:>15}" for k in results))
+    for k in results["ckpt"]:
+        row = [f"{100 * results[m][k]['mean']:6.2f} +- {100 * results[m][k]['std']:5.2f}" for m in results]
+        print(f"{k:>6} | " + " | ".join(f"{r:>15}" for r in row))
+    if lambdas:
+        for m, res in results.items():
+            print(f"lambda chosen ({cols[m]}, per seed): " + ", ".join(f"{k} shots {r['lambdas']}" for k, r in res.items()))
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), "probe.json")
+    report = {"ckpt": a.ckpt, "step": ckpt.get("step"), "preset": name, "data": a.data, "ema": a.ema,
+              "noise_t": noise_t, "lam": a.lam, "lambdas": lambdas, "seeds": seeds, "test": test_name,
+              "n_pool": len(train_idx), "n_test": len(test_idx), "results": results,
+              "seconds": round(time.time() - t0, 1)}
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    log(f"wrote {out} ({report['seconds']} s)")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
