@@ -11,9 +11,11 @@ import json
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 import urllib.error
 import warnings
 from pathlib import Path
@@ -29,6 +31,7 @@ from PIL import Image
 import fid
 import probe
 import sample as S
+import train
 from corrupt import Knobs, T, make_schedule, pixel_mask, preset, q_sample, umd_loss
 from data.common import check_geometry, load_split, write_meta, write_split
 from model import UMD, Block, ModelConfig, load_checkpoint, random_masking, timestep_embedding
@@ -1512,3 +1515,258 @@ def test_data_dir_source(tmp_path):
         assert fid.features(loaded[:2], fid.InceptionV3FID(fc=False))[0].shape == (2, 2048)
     with pytest.raises(FileNotFoundError, match="split"):
         fid.load_images(str(tmp_path), "train")
+
+
+# ========================================================================================
+# training (train.py)
+# ========================================================================================
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def make_data(out, n=64, size=8, channels=1, classes=4):
+    """n images of `classes` simple patterns (halves, stripes, checkers, a disc) plus noise."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    pats = [xx < size // 2, yy < size // 2, (xx + yy) % 2 == 0, (xx - size / 2) ** 2 + (yy - size / 2) ** 2 < size]
+    labels = np.arange(n) % classes
+    imgs = np.stack([pats[k % 4] * 200 + rng.integers(0, 40, (size, size)) for k in labels]).astype(np.uint8)
+    imgs = np.repeat(imgs[..., None], channels, axis=3)
+    write_split(out, "train", imgs, labels)
+    write_split(out, "val", imgs[: n // 2], labels[: n // 2])
+    write_meta(out, "toy", [f"c{i}" for i in range(classes)], size, channels, {"train": n, "val": n // 2})
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("toy"))
+
+
+def argv(data_dir, out_dir, **kw):
+    cfg = dict(data_dir=data_dir, out_dir=str(out_dir), model="micro/4", batch_size=16, max_steps=6,
+               log_interval=1, ckpt_interval=0, lr=2e-3, eval_interval=0)
+    cfg.update(kw)
+    return [f"--{k}={v!r}" for k, v in cfg.items()]
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in open(Path(out_dir) / "log.jsonl")]
+    return {r["step"]: r["loss"] for r in rows if "event" not in r}
+
+
+def run_script(args, timeout=120):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# ---- training ------------------------------------------------------------------------------
+def test_loss_falls(toy_data, tmp_path):
+    train.main(argv(toy_data, tmp_path, max_steps=60))
+    loss = losses(tmp_path)
+    first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(51, 61)])
+    assert last < 0.75 * first, (first, last)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 60 and ckpt["train_config"]["preset"] == "umd"
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert {"python", "numpy", "torch"} <= set(ckpt["rng"])
+    load_checkpoint(tmp_path / "ckpt.pt")  # sample.py / probe.py can read it
+
+
+def test_augment_identity_and_flip():
+    x = torch.randint(0, 256, (8, 6, 6, 3), dtype=torch.uint8)
+    ref = x.permute(0, 3, 1, 2).float() / 127.5 - 1
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(train.augment(x, 1.0, False, gen), ref)
+    out = train.augment(x, 1.0, True, gen)  # area 1: the whole image, flipped or not
+    same = (out - ref).abs().amax((1, 2, 3)) < 1e-5
+    flipped = (out - ref.flip(-1)).abs().amax((1, 2, 3)) < 1e-5
+    assert (same | flipped).all() and same.any() and flipped.any()
+    out = train.augment(x, 0.8, True, gen)
+    assert out.shape == ref.shape and out.min() >= -1 and out.max() <= 1
+
+
+def test_ddp_two_processes_equal_one_with_grad_accum(toy_data, tmp_path):
+    common = dict(ema_decay=0.9, labels=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           *argv(toy_data, tmp_path / "ddp", **common)]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "micro-batch 8 x 1 accum x 2 ranks" in r.stdout
+    train.main(argv(toy_data, tmp_path / "one", grad_accum=2, **common))
+    a = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], atol=1e-5, rtol=1e-5, msg=f"{key} {name}")
+    la, lb = losses(tmp_path / "ddp"), losses(tmp_path / "one")
+    assert np.allclose([la[s] for s in range(1, 7)], [lb[s] for s in range(1, 7)], atol=1e-5)
+
+
+def test_resume_reproduces_losses_exactly(toy_data, tmp_path):
+    kw = dict(max_steps=12, grad_accum=2, ema_decay=0.9)
+    train.main(argv(toy_data, tmp_path / "full", **kw))
+    res = train.main(argv(toy_data, tmp_path / "cut", debug_stop_step=6, **kw))  # as if preempted at 6
+    assert res["stopped"] and torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["step"] == 6
+    res = train.main(argv(toy_data, tmp_path / "cut", **kw))  # resume="auto" picks the checkpoint up
+    assert res["step"] == 12 and not res["stopped"]
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert [full[s] for s in range(7, 13)] == [cut[s] for s in range(7, 13)]
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+
+
+@pytest.fixture(scope="module")
+def pretrained(toy_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre")
+    train.main(argv(toy_data, out, max_steps=4))
+    return out / "ckpt.pt"
+
+
+def test_finetune_adds_labels_and_copies_ema(toy_data, pretrained, tmp_path):
+    pre = torch.load(pretrained, weights_only=False)["model"]
+    # ema_decay 1: the EMA keeps its starting point, which must be the loaded weights
+    res = train.main(argv(toy_data, tmp_path, init_from=str(pretrained), labels=True, preset="umd_finetune",
+                          ema_decay=1.0, max_steps=3, model="S/4"))  # model is ignored with init_from
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ck["model_config"]["num_classes"] == 4 and ck["model_config"]["width"] == 64
+    assert "label_embed.table.weight" in ck["model"] and ck["ema"]["label_embed.table.weight"].shape == (5, 64)
+    for k, v in pre.items():
+        assert torch.equal(ck["ema"][k], v), k
+    assert not torch.equal(ck["model"]["head.weight"], pre["head.weight"])  # it trained
+    assert all(np.isfinite(v) for v in losses(tmp_path).values()) and res["step"] == 3
+    assert ck["step"] == 3 and ck["train_config"]["init_from"] == str(pretrained)
+    model, _ = load_checkpoint(tmp_path / "ckpt.pt", use_ema=True)
+    assert model.config.num_classes == 4
+
+
+# ---- preemption and non-finite losses -----------------------------------------------------------
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_saves_and_exits_cleanly(toy_data, tmp_path, sig):
+    p = subprocess.Popen([sys.executable, "train.py", *argv(toy_data, tmp_path, max_steps=100000)], cwd=ROOT,
+                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = []
+    for line in p.stdout:
+        out.append(line)
+        if line.startswith("step "):
+            p.send_signal(sig)
+            break
+    rest, _ = p.communicate(timeout=60)
+    out = "".join(out) + rest
+    assert p.returncode == 0, out
+    assert f"{sig.name}: saved" in out
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert 1 <= ck["step"] < 100000 and max(losses(tmp_path)) == ck["step"]
+
+
+def test_nonfinite_step_skipped_then_streak_stops(toy_data, tmp_path):
+    train.main(argv(toy_data, tmp_path / "one", debug_nan_steps=(3,)))
+    rows = [json.loads(line) for line in open(tmp_path / "one" / "log.jsonl")]
+    assert [r["step"] for r in rows if r.get("event") == "nonfinite"] == [3]
+    assert sorted(losses(tmp_path / "one")) == [1, 2, 4, 5, 6]  # no loss line for the skipped step
+    assert all(np.isfinite(v) for v in losses(tmp_path / "one").values())
+
+    out = tmp_path / "streak"
+    with pytest.raises(train.NonFiniteError, match=r"3 steps in a row at step 7; last good checkpoint: .*ckpt.pt"):
+        train.main(argv(toy_data, out, max_steps=10, ckpt_interval=2, debug_nan_steps=(5, 6, 7), max_nonfinite=3))
+    model, ck = load_checkpoint(out / "ckpt.pt")
+    assert ck["step"] == 6 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---- configuration and bad input ----------------------------------------------------------------
+def test_config_errors(toy_data, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key 'batchsize'.*did you mean 'batch_size'"):
+        train.parse_config(["--batchsize=8"])
+    with pytest.raises(ValueError, match=r"config key 'batch_size' must be int, got '8x'"):
+        train.parse_config(["--batch_size=8x"])
+    with pytest.raises(ValueError, match=r"'hflip' must be bool"):
+        train.parse_config(["--hflip=1"])
+    with pytest.raises(FileNotFoundError, match="config file config/nope.py not found"):
+        train.parse_config(["config/nope.py"])
+    bad = tmp_path / "bad.py"
+    bad.write_text("import math\nbatch_size = 32\nlearning_rate = 1e-3\n")
+    with pytest.raises(ValueError, match=rf"unknown config key 'learning_rate' in {bad}"):
+        train.parse_config([str(bad)])
+    cfg = train.parse_config(["config/fmnist_umd.py", "--batch_size=32", "--compile", "--model=B/4",
+                              "--resume=False", "--debug_nan_steps=[1, 2]", "--lr=1"])
+    assert (cfg["batch_size"], cfg["compile"], cfg["model"], cfg["resume"]) == (32, True, "B/4", False)
+    assert cfg["debug_nan_steps"] == (1, 2) and cfg["lr"] == 1.0 and cfg["out_dir"] == "out/fmnist_umd"
+    for f in sorted((ROOT / "config").glob("*.py")):  # every shipped config parses
+        train.check_config(train.parse_config([str(f)]))
+    with pytest.raises(ValueError, match="dtype must be 'bf16' or 'fp32', got 'fp16'"):
+        train.check_config(train.parse_config(["--dtype=fp16"]))
+    with pytest.raises(ValueError, match="latent=True"):
+        train.check_config(train.parse_config(["--latent=True"]))
+    assert train.parse_config(["--presets=umd,dit"], {"presets": "umd"}) == {"presets": "umd,dit"}  # bench.py
+    r = run_script(["--bogus=1"])  # the script: one clear line, no traceback
+    assert r.returncode == 1 and "error: unknown config key 'bogus'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_bad_input(toy_data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train.main(argv(str(tmp_path / "nodata"), tmp_path / "o"))
+    with pytest.raises(ValueError, match=r"holds 8x8x1 images but the config asks for 16x16x1"):
+        train.main(argv(toy_data, tmp_path / "o", image_size=16))
+    with pytest.raises(ValueError, match=r"holds 8x8x1 images but the config asks for 8x8x3"):
+        train.main(argv(toy_data, tmp_path / "o", channels=3))
+    with pytest.raises(ValueError, match=r"batch_size 10 is not divisible by world_size 1 x grad_accum 4 = 4"):
+        train.main(argv(toy_data, tmp_path / "o", batch_size=10, grad_accum=4))
+    broken = make_data(tmp_path / "broken")
+    Path(broken, "train.npy").write_bytes(b"not a numpy file")
+    with pytest.raises(ValueError, match="train.npy is corrupt or truncated"):
+        train.main(argv(broken, tmp_path / "o"))
+    # resume from a checkpoint of another architecture (patch 4 -> patch 2)
+    train.main(argv(toy_data, tmp_path / "arch", max_steps=1))
+    with pytest.raises(ValueError, match="checkpoint of another architecture: patch_size 4 in the checkpoint vs 2"):
+        train.main(argv(toy_data, tmp_path / "arch", model="micro/2"))
+    Path(tmp_path / "arch" / "ckpt.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        train.main(argv(toy_data, tmp_path / "arch"))
+    with pytest.raises(FileNotFoundError, match="resume=True but .* does not exist"):
+        train.main(argv(toy_data, tmp_path / "fresh", resume=True))
+    rgb = make_data(tmp_path / "rgb", channels=3)  # fine-tuning a 1-channel model on RGB data
+    train.main(argv(toy_data, tmp_path / "gray", max_steps=1))
+    with pytest.raises(ValueError, match=r"model of 8x8x1 images but .* holds 8x8x3"):
+        train.main(argv(rgb, tmp_path / "o2", init_from=str(tmp_path / "gray" / "ckpt.pt"), labels=True))
+
+
+# ---- reliability: kills, preemption, bad input ----------------------------------------------
+KILL_DURING_SAVE = """
+import os, signal, sys, torch, train
+calls = [0]
+real_save = torch.save
+def save(obj, f, *a, **k):  # the second checkpoint write dies half-way through its temp file
+    calls[0] += 1
+    if calls[0] == 2:
+        f.write(b"PK half a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *a, **k)
+train.torch.save = save
+train.main(sys.argv[1:])
+"""
+
+
+def test_sigkill_during_checkpoint_write_keeps_the_previous_one(toy_data, tmp_path):
+    kw = dict(max_steps=8, ckpt_interval=3)
+    train.main(argv(toy_data, tmp_path / "full", **kw))
+    # the same thread count as this process: CPU float sums are bit-exact only for equal thread counts
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    r = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *argv(toy_data, tmp_path / "cut", **kw)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL
+    assert (tmp_path / "cut" / "ckpt.pt.tmp").exists()  # the torn write is there...
+    model, ckpt = load_checkpoint(tmp_path / "cut" / "ckpt.pt")  # ...and the previous file is intact
+    assert ckpt["step"] == 3
+    res = train.main(argv(toy_data, tmp_path / "cut", **kw))  # resume after the kill
+    assert res["step"] == 8
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert [full[s] for s in range(4, 9)] == [cut[s] for s in range(4, 9)]
+
+
+def test_non_writable_out_dir_fails_before_training(toy_data, tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(ValueError, match="out_dir .* is not writable"):
+        train.main(argv(toy_data, tmp_path / "file" / "run"))
