@@ -104,7 +104,8 @@ def fewshot_accuracy(train_x, train_y, test_x, test_y, lam=1024.0, num_classes=N
 # ---- features ---------------------------------------------------------------------------
 def to_model_input(images, size, channels):
     """uint8 (N, H, W, C) -> float (N, C, size, size) in [-1, 1]; resize shorter side + centre crop."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = torch.from_numpy(np.array(images))  # a copy: memmaps are read-only
+    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
     if x.shape[1] != channels:
         raise ValueError(f"the data has {x.shape[1]} channel(s) but the model expects {channels}")
     h, w = x.shape[2:]
