@@ -1,20 +1,6 @@
-# DiT baseline: noisy branch only, no masking (spec section 2), B/4 on ImageNet 64x64.
-# Data: python data/imagenet64/prepare.py --src DIR
+# DiT baseline: the noisy branch only, no masking (spec section 2); the probe noises images at
+# t = 50. Everything else is UMD's pre-training setup (B/4, ImageNet 64x64, batch 1024, 800 epochs).
 # Run:  torchrun --nnodes N --nproc_per_node 8 train.py config/dit_in64.py
+exec(open("config/umd_in64.py").read())
 out_dir = "out/dit_in64"
-data_dir = "data/imagenet64"
-model = "B/4"
-preset = "dit"                 # r 0, no masking; the probe noises images at t = 50
-batch_size = 1024              # global; peak lr = 1.5e-4 * 1024 / 256 = 6e-4
-base_lr = 1.5e-4
-epochs = 800.0
-warmup_epochs = 40.0           # 5% of 800
-weight_decay = 0.05
-beta1, beta2 = 0.9, 0.95
-crop_area_min = 0.8
-ema_decay = 0.0                # no EMA in pre-training
-log_interval = 100
-ckpt_interval = 2500
-eval_interval = 25000          # 10-shot probe + a sample grid
-eval_shots = 10
-eval_max_test = 10000
+preset = "dit"                 # r 0, no masking

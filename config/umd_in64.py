@@ -1,5 +1,5 @@
 # UMD pre-training, B/4 on ImageNet 64x64 (spec section 4, pre-training column).
-# Data: python data/imagenet64/prepare.py --src DIR
+# Data: python data/imagenet64/prepare.py --src DIR. dit/maskdit/mae_in64.py start from this file.
 # Run:  torchrun --nnodes N --nproc_per_node 8 train.py config/umd_in64.py
 out_dir = "out/umd_in64"
 data_dir = "data/imagenet64"
