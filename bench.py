@@ -19,7 +19,7 @@ import torch
 
 from corrupt import make_schedule, preset, train_flops_per_image, umd_loss
 from model import UMD, ModelConfig
-from train import PEAK_FLOPS, parse_config
+from train import parse_config, peak_flops
 
 cuda = torch.cuda.is_available()
 DEFAULTS = dict(
@@ -45,13 +45,6 @@ def build(cfg, adaln, num_classes=0):
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def peak_flops(device):
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def bench_training(cfg):
@@ -86,7 +79,7 @@ def bench_training(cfg):
             sync(device)
             if i >= cfg["warmup"]:
                 r["times"].append(time.perf_counter() - t0)
-    peak = peak_flops(device)
+    peak = peak_flops(device, cfg["dtype"])
     base = statistics.median(runs["dit"]["times"]) if "dit" in runs else None
     print(f"training: {cfg['model']} width {runs[next(iter(runs))]['model'].config.width} at "
           f"{cfg['image_size']}x{cfg['image_size']}x{cfg['channels']}, batch {B}, {cfg['dtype']}, "

@@ -112,6 +112,14 @@ KNOB_KEYS = ("no_noise_prob", "mask_ratio_clean", "mask_ratio_noisy", "noisy_tar
 PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense bf16 per GPU (TF32: half)
 
 
+def peak_flops(device, dtype):
+    """Dense peak FLOP/s of one GPU for MFU (TF32 is half of bf16), or 0 when unknown / not CUDA."""
+    if not str(device).startswith("cuda"):
+        return 0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), 0) * (0.5 if dtype == "fp32" else 1)
+
+
 def parse_config(argv, defaults=None):
     """`defaults` (train.py's) updated by config files and --key=value flags, in order -> dict.
     Also used by bench.py with its own defaults."""
@@ -375,8 +383,7 @@ def main(argv=None):
         autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if cfg.dtype == "bf16" else nullcontext()
         aug_gen = torch.Generator(device=device)
         fpi = train_flops_per_image(raw, knobs)
-        gpu = torch.cuda.get_device_name(device) if cuda else ""
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu), 0) * (0.5 if cfg.dtype == "fp32" else 1)
+        peak = peak_flops(device, cfg.dtype)
         log(f"model {cfg.model if not cfg.init_from else 'from ' + cfg.init_from}: {raw.num_params() / 1e6:.2f}M "
             f"params, {raw.num_tokens} tokens, {fpi / 1e9:.2f} GFLOPs/img (train); knobs {asdict(knobs)}")
         log(f"data {cfg.data_dir}: {N} images {meta['image_size']}x{meta['image_size']}x{meta['channels']}; "
