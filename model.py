@@ -9,12 +9,13 @@ The UMD network: a ViT encoder-decoder (MAE layout) with DiT's AdaLN-Zero condit
 
 Conditioning: `t_model` is an integer in [0, T]; 0 means "clean image", a sample noised at
 schedule index t gets t_model = t + 1. Labels are optional (fine-tuning adds them).
-Everything follows ../shared/spec/UMD_SPEC.md section 1; where the spec is silent the choice
-is DiT's or MAE's and is said in a comment.
+The layout and initialisation follow the paper (Sec. 4 and its appendix) and the authors' code;
+where those are silent the choice is DiT's or MAE's and is said in a comment.
 """
 import math
 from dataclasses import dataclass, asdict
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -65,7 +66,7 @@ def modulate(x, shift, scale):
 
 
 def timestep_embedding(t, dim):
-    """Sinusoidal embedding, [sin | cos], freq_i = exp(-i ln(10000) / (half - 1)) (spec 1)."""
+    """Sinusoidal embedding, [sin | cos], freq_i = exp(-i ln(10000) / (half - 1)) (the reference code: half - 1, not half)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - 1))
     args = t.float()[:, None] * freqs[None]
@@ -360,22 +361,37 @@ class UMD(nn.Module):
 
 
 # ---- checkpoints --------------------------------------------------------------------------
-# A checkpoint is one dict (written by train.py): model_config, model (state dict of the
-# unwrapped model), ema (state dict or None), train_config, knobs, step, optimizer, rng.
-def load_checkpoint(path, use_ema=False, device="cpu"):
-    """-> (model in eval mode, checkpoint dict). use_ema picks the EMA weights when present."""
+# A checkpoint is one dict, written by train.save_checkpoint (the schema is there): model_config,
+# model (state dict of the unwrapped model), ema (state dict or None), optimizer, step, scheme,
+# knobs, pretrain_knobs, train_config, rng.
+def read_checkpoint(path, need=("model_config", "model")):
+    """The checkpoint dict at path, with the keys `need` checked; clear errors for anything else."""
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path} does not exist") from None
     except Exception as e:
         raise ValueError(f"{path} is not a readable umd checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} is not a umd checkpoint (expected a dict with 'model_config' and 'model')")
-    model = UMD(ModelConfig(**ckpt["model_config"])).to(device)
+    missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a umd checkpoint: it lacks {missing}")
+    return ckpt
+
+
+def load_checkpoint(path, use_ema=False, device="cpu"):
+    """-> (model in eval mode, checkpoint dict). use_ema picks the EMA weights when present."""
+    ckpt = read_checkpoint(path)
+    model = UMD(ModelConfig(**ckpt["model_config"]))
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not match the model config stored with them: {e}") from None
-    return model.eval(), ckpt
+    return model.to(device).eval(), ckpt
+
+
+def from_uint8(images):
+    """uint8 images (N, H, W, C), numpy or torch -> float tensor (N, C, H, W) in [-1, 1]."""
+    if isinstance(images, np.ndarray) or not torch.is_tensor(images):
+        images = torch.from_numpy(np.array(images))  # a copy: memmaps are read-only
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1

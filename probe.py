@@ -1,5 +1,5 @@
 """
-Few-shot linear probe of the encoder's `rep` (spec section 5), the big_vision "fewshot_lsr" solver.
+Few-shot linear probe of the encoder's `rep` (the paper's Sec. 5.1), the big_vision "fewshot_lsr" solver.
 
     python probe.py --ckpt out/ckpt.pt --data data/fashion_mnist --shots 10,100
     python probe.py --ckpt out/ckpt.pt --data data/fashion_mnist --shots full --max_test 2000
@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import UMD, ModelConfig, load_checkpoint
-from corrupt import make_schedule, q_sample
+from corrupt import SCHEMES, T, make_schedule
+from data.common import atomic_write
+from model import UMD, ModelConfig, from_uint8, load_checkpoint
 
-NOISED_PRESETS = ("dit", "maskdit")  # trained without clean samples: probe at t = 50
-NOISE_T = 50
+NOISE_T = 50  # models pre-trained without clean samples (dit, maskdit) are probed at t = 50
 BIAS = 100.0
 
 
@@ -104,8 +104,7 @@ def fewshot_accuracy(train_x, train_y, test_x, test_y, lam=1024.0, num_classes=N
 # ---- features ---------------------------------------------------------------------------
 def to_model_input(images, size, channels):
     """uint8 (N, H, W, C) -> float (N, C, size, size) in [-1, 1]; resize shorter side + centre crop."""
-    x = torch.from_numpy(np.array(images))  # a copy: memmaps are read-only
-    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = from_uint8(images)
     if x.shape[1] != channels:
         raise ValueError(f"the data has {x.shape[1]} channel(s) but the model expects {channels}")
     h, w = x.shape[2:]
@@ -120,9 +119,10 @@ def to_model_input(images, size, channels):
 
 @torch.no_grad()
 def extract_features(model, images, batch_size=256, device=None, noise_t=None, abar=None,
-                     noise_seed=0, quiet=True, what="features"):
-    """`rep` of uint8 NHWC images (an array, or anything with len and slicing) -> float32 (N, width). noise_t None: clean (t_model 0); an int t:
-    noised at t (t_model t + 1) with eps from default_rng(noise_seed), drawn image by image in
+                     noise_seed=0, quiet=True, what="features", scheme="umd"):
+    """`rep` of uint8 NHWC images (an array, or anything with len and slicing) -> float32 (N, width).
+    noise_t None: clean (t_model 0); an int t: noised as at DDPM step t by the scheme's noise_at
+    (UMD: q_sample, t_model t + 1) with eps from default_rng(noise_seed), drawn image by image in
     order, so the result does not depend on batch_size."""
     c = model.config
     device = device or next(model.parameters()).device
@@ -136,7 +136,7 @@ def extract_features(model, images, batch_size=256, device=None, noise_t=None, a
         if noise_t is not None:
             eps = torch.from_numpy(rng.standard_normal(x.shape, dtype=np.float32)).to(device)
             t = torch.full((len(x),), noise_t, dtype=torch.long, device=device)
-            x, t_model = q_sample(x, t, eps, abar), t + 1
+            x, t_model = SCHEMES.get(scheme, SCHEMES["umd"]).noise_at(x, t, eps, abar)
         out.append(model.representation(x, t_model).float().cpu().numpy())
         if not quiet and (time.time() - last > 5 or i + batch_size >= len(images)):
             last = time.time()
@@ -146,17 +146,18 @@ def extract_features(model, images, batch_size=256, device=None, noise_t=None, a
 
 
 def default_noise_t(ckpt):
-    """NOISE_T for checkpoints trained without clean samples (dit, maskdit), else None (clean)."""
-    knobs, tc = ckpt.get("knobs") or {}, ckpt.get("train_config") or {}
-    if "no_noise_prob" in knobs:
-        return NOISE_T if knobs["no_noise_prob"] == 0 else None
-    return NOISE_T if tc.get("preset") in NOISED_PRESETS else None
+    """NOISE_T for models pre-trained without clean samples (dit, maskdit; also after their
+    fine-tuning, whatever its recipe), else None (clean input)."""
+    knobs = ckpt.get("pretrain_knobs") or ckpt.get("knobs") or {}
+    return NOISE_T if knobs.get("no_noise_prob", 1) == 0 else None
 
 
 # ---- the probe --------------------------------------------------------------------------
 def load_probe_data(data_dir, pool=None, max_test=None):
-    """(train images, labels, test images, labels, meta, test description). pool / max_test keep
-    a fixed random subset (default_rng(0), sorted) so a class-sorted file still has all classes."""
+    """-> (x, y, train_idx, tx, ty, test_idx, meta, test description): train images and labels,
+    the train pool's indices into them, test images and labels, the test indices, meta.json.
+    pool / max_test keep a fixed random subset (default_rng(0), sorted), so a class-sorted file
+    still has all classes."""
     from data.common import load_split  # lazy: only the probe on a data dir needs it
     x, y, meta = load_split(data_dir, "train")
     if "val" in meta["splits"]:
@@ -237,14 +238,15 @@ def run_probe(featurize, x, y, train_idx, tx, ty, test_idx, num_classes, shots, 
 
 
 def evaluate(model, data_dir, shots=(10,), seeds=(0,), noise_t=None, abar=None, pool=None,
-             max_test=None, device=None, batch_size=256, lam=1024.0, lambdas=None, quiet=True):
+             max_test=None, device=None, batch_size=256, lam=1024.0, lambdas=None, quiet=True, scheme="umd"):
     """Probe `model` on data_dir -> {shots: mean accuracy}. For train.py's periodic evaluation:
     the model is put in eval mode and its train/eval mode restored afterwards."""
     x, y, train_idx, tx, ty, test_idx, meta, _ = load_probe_data(data_dir, pool, max_test)
     was_training = model.training
     model.eval()
     try:
-        featurize = lambda im: extract_features(model, im, batch_size, device, noise_t, abar, quiet=quiet)
+        featurize = lambda im: extract_features(model, im, batch_size, device, noise_t, abar, quiet=quiet,
+                                                scheme=scheme)
         res = run_probe(featurize, x, y, train_idx, tx, ty, test_idx, meta["num_classes"],
                         parse_shots(shots), seeds, lam, lambdas)
     finally:
@@ -284,8 +286,18 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="json output (default <ckpt dir>/probe.json)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    shots, seeds = parse_shots(a.shots), [int(s) for s in a.seeds.split(",")]
-    lambdas = [float(l) for l in a.lambdas.split(",")] if a.lambdas else None
+    shots = parse_shots(a.shots)
+    try:
+        seeds = [int(s) for s in a.seeds.split(",")]
+        lambdas = [float(l) for l in a.lambdas.split(",")] if a.lambdas else None
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers and --lambdas numbers; got {a.seeds!r}, "
+                         f"{a.lambdas!r}") from None
+    for key, low in (("batch_size", 1), ("pool", 1), ("max_test", 1)):
+        if getattr(a, key) is not None and getattr(a, key) < low:
+            raise ValueError(f"--{key} must be >= {low}, got {getattr(a, key)}")
+    if a.noise_t is not None and a.noise_t >= T:
+        raise ValueError(f"--noise_t must be < T = {T} (or -1: clean), got {a.noise_t}")
     t0 = time.time()
     model, ckpt = load_checkpoint(a.ckpt, use_ema=a.ema, device=a.device)
     if a.ema and ckpt.get("ema") is None:
@@ -312,7 +324,7 @@ def main(argv=None):
                                               .flatten(1).numpy() for i in range(0, len(im), a.batch_size)])
         else:
             feat = lambda im, m=m: extract_features(m, im, a.batch_size, a.device, noise_t, abar,
-                                                    quiet=a.quiet, what=key)
+                                                    quiet=a.quiet, what=key, scheme=ckpt.get("scheme") or "umd")
         results[key] = run_probe(feat, x, y, train_idx, tx, ty, test_idx, meta["num_classes"],
                                  shots, seeds, a.lam, lambdas)
     cols = {"ckpt": name, "random_init": "random init", "raw_pixels": "raw pixels"}
@@ -328,8 +340,7 @@ def main(argv=None):
               "noise_t": noise_t, "lam": a.lam, "lambdas": lambdas, "seeds": seeds, "test": test_name,
               "n_pool": len(train_idx), "n_test": len(test_idx), "results": results,
               "seconds": round(time.time() - t0, 1)}
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
+    atomic_write(out, lambda f: f.write(json.dumps(report, indent=1).encode()))
     log(f"wrote {out} ({report['seconds']} s)")
     return report
 

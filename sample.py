@@ -7,19 +7,21 @@ a PNG grid, and an MAE-style reconstruction picture.
     python sample.py --ckpt out/ckpt.pt --uncond --num_samples 64     # null label / no label table
     python sample.py --ckpt out/ckpt.pt --recon out/recon.png --data data/cifar10 --mask_ratio 0.75
 
-DDIM as in ../shared/spec/UMD_SPEC.md section 3 (the reference's sampler): timesteps
-arange(T-1, 0, -(T // S)) then 0; for each pair (t, t_next) the model runs at t_model = t + 1,
+DDIM as the authors' code samples: timesteps arange(T-1, 0, -(T // S)) then 0 (S must divide T,
+so that S steps run); for each pair (t, t_next) the model runs at t_model = t + 1,
 x0_hat = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t) with eps from the eps head (or derived from
 the x0 head), clipped to [-1, 1] for pixels (never for latents) and eps recomputed from it, then
     sigma = eta sqrt((1 - abar_next) / (1 - abar_t)) sqrt(1 - abar_t / abar_next)
     x = sqrt(abar_next) x0_hat + sqrt(1 - abar_next - sigma^2) eps + sigma z
 and one last call at t = 0 whose x0_hat is the sample. Image i draws all its noise from its
 own generator seeded from (seed, i), so it is the same whatever the batch size or world size.
+
+Flow checkpoints (ckpt["scheme"] == "flow", corrupt.flow_loss) get flow_sample instead: Heun (the
+default), Euler or SiT's SDE from s = 1 to 0 (--sampler; DDIM fits only UMD checkpoints).
 """
 import argparse
 import functools
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,8 +31,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from corrupt import make_schedule, pixel_mask
-from model import load_checkpoint
+from corrupt import SCHEMES, flow_t_model, make_schedule, pixel_mask
+from data.common import atomic_write
+from model import from_uint8, load_checkpoint
+from train import seed_of, setup_distributed
 
 
 # ---- DDIM ---------------------------------------------------------------------------------
@@ -38,7 +42,12 @@ def ddim_timesteps(steps, T=1000):
     """S = 125 -> [999, 991, ..., 7, 0]: S pairs (t, t_next), then the final call at 0."""
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
         raise ValueError(f"steps must be an integer in [1, {T}] (T = {T}), got {steps!r}")
-    return list(range(T - 1, 0, -(T // steps))) + [0]
+    ts = list(range(T - 1, 0, -(T // steps))) + [0]
+    if len(ts) - 1 != steps:  # the spacing T // S runs more steps than asked when S does not divide T
+        divisors = [d for d in (10, 25, 50, 100, 125, 200, 250, 500) if T % d == 0]
+        raise ValueError(f"steps {steps}: the reference's spacing T // steps (T = {T}) would run {len(ts) - 1} "
+                         f"steps, not {steps}; use a divisor of T below T, such as {divisors}")
+    return ts
 
 
 def ddim_sample(denoise, x, abar, steps, eta=1.0, clip=True, eps_from="eps", noise_fn=None):
@@ -76,12 +85,59 @@ def ddim_sample(denoise, x, abar, steps, eta=1.0, clip=True, eps_from="eps", noi
     return predict(x, 0)[0]
 
 
+# ---- flow matching (corrupt.flow_loss) ------------------------------------------------------
+FLOW_SAMPLERS = ("heun", "euler", "sde")
+
+
+def pick_sampler(scheme, sampler=None):
+    """The sampler for a checkpoint of `scheme` (ckpt.get("scheme"); None: UMD): `sampler` if it is
+    one of the scheme's (corrupt.Scheme.samplers), else an error; None: the scheme's default."""
+    fits = SCHEMES[scheme or "umd"].samplers if (scheme or "umd") in SCHEMES else ()
+    if not fits or sampler not in (None, *fits):
+        raise ValueError(f"sampler {sampler!r} does not fit a checkpoint of scheme {scheme!r}: its samplers are "
+                         f"{list(fits)}")
+    return sampler or fits[0]
+
+
+def check_flow(method, steps):
+    if method not in FLOW_SAMPLERS:
+        raise ValueError(f"flow sampler must be one of {FLOW_SAMPLERS}, got {method!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+
+
+def flow_sample(denoise, x, steps, method="heun", noise_fn=None):
+    """Integrate from x = x_1 (noise) to s = 0 on s_k = 1 - k / steps; v = eps - x0 from the two heads at
+    t_model = flow_t_model(s) (denoise as ddim_sample's). Returns x_0. "euler", "heun": the ODE
+    dx/ds = v (Heun: Euler on the last step, whose end s = 0 is the clean image's t_model). "sde": SiT's
+    reverse SDE (Ma et al. 2024, their diffusion_form "sigma") dx = [v - w/2 score] ds + sqrt(w) dW,
+    w(s) = s, score = -eps / s, by Euler-Maruyama, x <- x - h (v + eps / 2) + sqrt(s h) z, then a
+    deterministic last step x - s v (= x0_hat, SiT's Tweedie last step). noise_fn() -> z like x."""
+    check_flow(method, steps)
+    noise_fn, h = noise_fn or (lambda: torch.randn_like(x)), 1 / steps
+
+    def heads(x, s):  # -> (v, eps)
+        x0, eps = denoise(x, flow_t_model(torch.full((x.shape[0],), s, device=x.device)))
+        return eps - x0, eps
+
+    for k in range(steps):
+        s = 1 - k * h
+        v, eps = heads(x, s)
+        if method == "euler" or k == steps - 1:
+            x = x - h * v
+        elif method == "heun":
+            x = x - h / 2 * (v + heads(x - h * v, s - h)[0])
+        else:
+            x = x - h * (v + eps / 2) + math.sqrt(s * h) * noise_fn()
+    return x
+
+
 class SampleNoise:
     """Noise for the images `indices`: one CPU generator per image, seeded from (seed, i).
     Each call returns the next (n, *shape) standard normal draw, moved to `device`."""
 
     def __init__(self, indices, seed, shape, device="cpu"):
-        self.gens = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+        self.gens = [torch.Generator().manual_seed(seed_of(seed, i)) for i in indices]
         self.shape, self.device = tuple(shape), device
 
     def __call__(self):
@@ -141,8 +197,9 @@ def fmt_time(s):
 @in_eval_mode
 def sample_images(model, abar, n, steps=250, cfg_scale=1.0, eta=1.0, seed=0, labels=None, uncond=False,
                   batch_size=64, device=None, clip=True, eps_from="eps", autocast_dtype=None,
-                  rank=0, world_size=1, progress=False):
-    """Sample images rank, rank + world_size, ... < n (all n by default), in index order.
+                  rank=0, world_size=1, progress=False, sampler="ddim"):
+    """Sample images rank, rank + world_size, ... < n (all n by default), in index order, with
+    `sampler`: "ddim" (UMD checkpoints; eta, clip, eps_from are its) or a flow one (pick_sampler).
     -> (samples, labels): samples uint8 (m, H, W, C), or with clip=False (latent models) raw
     float32 latents (m, H, W, C); labels int64 (m,), or None when sampling unconditionally.
     labels: None = balanced (i % num_classes) on a model with labels, or a list of class ids
@@ -154,7 +211,7 @@ def sample_images(model, abar, n, steps=250, cfg_scale=1.0, eta=1.0, seed=0, lab
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    ddim_timesteps(steps, len(abar))
+    ddim_timesteps(steps, len(abar)) if sampler == "ddim" else check_flow(sampler, steps)
     if K == 0 or uncond:
         why = "this model has no labels (trained without them)" if K == 0 else "sampling is unconditional"
         if cfg_scale != 1:
@@ -175,7 +232,8 @@ def sample_images(model, abar, n, steps=250, cfg_scale=1.0, eta=1.0, seed=0, lab
         noise = SampleNoise(idx, seed, shape, device)
         y = None if all_labels is None else torch.from_numpy(all_labels[idx]).to(device)
         denoise = make_denoiser(model, y, cfg_scale, autocast_dtype)
-        x = ddim_sample(denoise, noise(), abar, steps, eta, clip, eps_from, noise)
+        x = (ddim_sample(denoise, noise(), abar, steps, eta, clip, eps_from, noise) if sampler == "ddim"
+             else flow_sample(denoise, noise(), steps, sampler, noise))
         out[b:b + len(idx)] = to_uint8(x) if clip else x.permute(0, 2, 3, 1).cpu().numpy()
         done, now = b + len(idx), time.time()
         if progress and (now - last > 10 or done == len(indices) or b == 0):
@@ -215,7 +273,7 @@ def save_grid(images, path, ncols=8, pad=2):
         r, col = divmod(i, ncols)
         canvas[pad + r * (h + pad):(r + 1) * (h + pad), pad + col * (w + pad):(col + 1) * (w + pad)] = img
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(path)
+    atomic_write(path, lambda f: Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(f, format="PNG"))
     return path
 
 
@@ -243,7 +301,7 @@ def reconstruct(model, images, mask_ratio=0.75, seed=0):
     if images.shape[1:] != (c.image_size, c.image_size, c.channels):
         raise ValueError(f"the model takes {c.image_size}x{c.image_size}x{c.channels} images, got {images.shape[1:]}")
     device = next(model.parameters()).device
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = from_uint8(images).to(device)
     keep = int(L * (1 - mask_ratio))
     if keep < 1:
         raise ValueError(f"mask_ratio {mask_ratio} keeps no patch of {L}")
@@ -251,7 +309,7 @@ def reconstruct(model, images, mask_ratio=0.75, seed=0):
     mask = torch.ones(len(x), L, dtype=torch.bool).scatter_(1, noise.argsort(1)[:, :keep], False)
     t0 = torch.zeros(len(x), dtype=torch.long, device=device)
     pred, _, _ = model(x, t0, None, mask=mask.to(device) if keep < L else None)
-    pix = pixel_mask(mask.to(device).float(), c.patch_size).bool()
+    pix = pixel_mask(mask.to(device).float(), c.image_size).bool()
     masked = torch.where(pix, torch.zeros_like(x), x)
     recon = torch.where(pix, pred.float(), x) if keep < L else pred.float()
     return to_uint8(masked), to_uint8(recon)
@@ -269,7 +327,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="DDIM samples (ADM npz + PNG grid) or reconstructions from a UMD checkpoint")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--num_samples", type=int, default=64)
-    p.add_argument("--steps", type=int, default=250, help="DDIM steps (paper: 125 for training evals, 250)")
+    p.add_argument("--steps", type=int, default=250, help="DDIM steps (paper: 125 for training evals, 250); "
+                                                          "flow samplers: any >= 1")
+    p.add_argument("--sampler", choices=["ddim", "euler", "heun", "sde"], default=None,
+                   help="default: the checkpoint scheme's (umd: ddim, flow: heun); eta and eps_from are DDIM's")
     p.add_argument("--cfg_scale", type=float, default=1.0, help="1: plain conditional; 0: unconditional")
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--eps_from", choices=["eps", "x0"], default="eps", help="which head gives eps")
@@ -291,7 +352,30 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run(args, rank, world_size, device, log):
+def check_output(path):
+    """Fail now, not after hours of sampling, if path cannot be written."""
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {parent} cannot be made ({e.strerror})") from None
+    if not parent.is_dir() or Path(path).is_dir():
+        raise ValueError(f"cannot write {path}: {parent if not parent.is_dir() else path} is not a file path")
+
+
+def check_args(args):
+    for key, low in (("num_samples", 1), ("batch_size", 1), ("num_recon", 1), ("seed", 0)):
+        if getattr(args, key) < low:
+            raise ValueError(f"--{key} must be >= {low}, got {getattr(args, key)}")
+    if args.eta < 0 or args.cfg_scale < 0 or not 0 <= args.mask_ratio < 1:
+        raise ValueError(f"need --eta >= 0, --cfg_scale >= 0 and --mask_ratio in [0, 1); got {args.eta}, "
+                         f"{args.cfg_scale}, {args.mask_ratio}")
+    ddim_timesteps(args.steps) if args.sampler == "ddim" else check_flow("heun", args.steps)  # DDIM's: once known
+
+
+def run(args, run_, log):
+    """Sample (or write reconstructions) as args say, on the processes of run_ (train.Launch)."""
+    rank, world_size, device = run_.rank, run_.world, torch.device(run_.device)
     model, ckpt = load_checkpoint(args.ckpt, use_ema=not args.no_ema, device=device)
     tc = ckpt.get("train_config") or {}
     latent, schedule = bool(tc.get("latent", False)), tc.get("schedule", "cosine")
@@ -303,6 +387,7 @@ def run(args, rank, world_size, device, log):
             raise ValueError("reconstruction pictures need a pixel model; this checkpoint works on VAE latents")
         if not args.data:
             raise ValueError("--recon needs --data DIR (a prepared data dir with meta.json)")
+        check_output(args.recon)
         if rank == 0:
             from data.common import load_split  # lazy: sampling needs no data
             images = load_split(args.data, args.split)[0]
@@ -314,53 +399,46 @@ def run(args, rank, world_size, device, log):
         labels = None if args.labels is None else [int(s) for s in args.labels.split(",") if s.strip()]
     except ValueError:
         raise ValueError(f"--labels must be comma-separated class ids like 1,7,9; got {args.labels!r}") from None
+    sampler = pick_sampler(ckpt.get("scheme"), args.sampler)
+    cond = "uncond" if args.uncond or not model.config.num_classes else f"cfg{args.cfg_scale:g}"
+    tag = f"_{sampler}" if sampler != "ddim" else "" if args.eta == 1 else f"_eta{args.eta:g}"
+    out = Path(args.out or Path(args.ckpt).parent / f"samples_{args.num_samples}_{cond}_steps{args.steps}{tag}.npz")
+    check_output(out)
     dtype = {"bf16": torch.bfloat16, "fp32": None}.get(args.dtype, torch.bfloat16 if device.type == "cuda" else None)
     samples, y = sample_images(model, make_schedule(schedule), args.num_samples, args.steps, args.cfg_scale,
                                args.eta, args.seed, labels, args.uncond, args.batch_size, device,
                                clip=not latent, eps_from=args.eps_from, autocast_dtype=dtype,
-                               rank=rank, world_size=world_size, progress=not args.quiet and rank == 0)
+                               rank=rank, world_size=world_size, progress=not args.quiet and rank == 0,
+                               sampler=sampler)
     if world_size > 1:
         samples = gather_samples(samples, args.num_samples, rank, world_size, device)
         y = None if y is None else make_labels(args.num_samples, model.config.num_classes, labels)
     if rank != 0:
         return
-    cond = "uncond" if y is None else f"cfg{args.cfg_scale:g}"
-    out = Path(args.out or Path(args.ckpt).parent / f"samples_{args.num_samples}_{cond}_steps{args.steps}"
-               f"{'' if args.eta == 1 else f'_eta{args.eta:g}'}.npz")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:  # no half-written npz on a crash
-        np.savez(f, arr_0=samples, **({} if y is None else {"arr_1": y}))
-    os.replace(tmp, out)
+    atomic_write(out, lambda f: np.savez(f, arr_0=samples, **({} if y is None else {"arr_1": y})))
     if latent:
         log(f"wrote {out}: arr_0 holds RAW LATENTS float32 {samples.shape} (N, H, W, C) at the training scale; "
             "decode them with the VAE before fid.py (no PNG grid)")
         return
-    log(f"wrote {out}: arr_0 uint8 {samples.shape}" + ("" if y is None else ", arr_1 labels"))
+    log(f"wrote {out}: arr_0 uint8 {samples.shape}" + ("" if y is None else ", arr_1 labels")
+        + (f"; {args.steps} DDIM steps, eta {args.eta:g}" if sampler == "ddim" else f"; {args.steps} {sampler} steps")
+        + f", cfg {args.cfg_scale:g}")
     grid = save_grid(grid_images(samples, y), out.with_suffix(".png"))
     log(f"wrote {grid}" + ("" if y is None else " (one row per class)"))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if args.device:
-        device = torch.device(args.device)
-    else:
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    log = (lambda msg: None) if args.quiet or rank != 0 else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    launch = None
     try:
-        run(args, rank, world_size, device, log)
-    except (ValueError, FileNotFoundError) as e:
+        check_args(args)
+        launch = setup_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        quiet = args.quiet or launch.rank != 0
+        run(args, launch, (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True)))
+    except (ValueError, OSError) as e:
         raise SystemExit(f"sample.py: error: {e}")
     finally:
-        if world_size > 1:
+        if launch is not None and launch.world > 1:
             dist.destroy_process_group()
 
 

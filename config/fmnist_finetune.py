@@ -5,7 +5,7 @@ out_dir = "out/fmnist_finetune"
 data_dir = "data/fashion_mnist"
 init_from = "out/fmnist_umd/ckpt.pt"
 labels = True
-preset = "umd_finetune"        # r 0.05, no masking of the noisy samples (~80 img/s on 2 cores)
+# preset: the fine-tuning recipe of what the checkpoint was pre-trained with (umd_finetune here)
 batch_size = 64
 lr = 5e-4                      # peak lr as is (the paper: 1.5e-4 over 50 epochs)
 max_steps = 200

@@ -1,5 +1,5 @@
 # MAE baseline: pure MAE (r = 1: the clean branch only), no AdaLN (a cond token in every block),
-# batch 4096 as in the paper (spec sections 2, 4). Otherwise UMD's pre-training setup.
+# batch 4096 as in the paper (the paper's Table 1 and Sec. 5.1). Otherwise UMD's pre-training setup.
 # Run:  torchrun --nnodes N --nproc_per_node 8 train.py config/mae_in64.py
 exec(open("config/umd_in64.py").read())
 out_dir = "out/mae_in64"

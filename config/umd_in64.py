@@ -1,4 +1,4 @@
-# UMD pre-training, B/4 on ImageNet 64x64 (spec section 4, pre-training column).
+# UMD pre-training, B/4 on ImageNet 64x64 (the paper's Table 4).
 # Data: python data/imagenet64/prepare.py --src DIR. dit/maskdit/mae_in64.py start from this file.
 # Run:  torchrun --nnodes N --nproc_per_node 8 train.py config/umd_in64.py
 out_dir = "out/umd_in64"

@@ -6,7 +6,17 @@ A prepared dataset is a folder, by default data/<name>/, holding
     val.npy, val_labels.npy   the same for the held-out split
     meta.json         {"name", "image_size", "channels", "num_classes", "classes", "splits": {split: N}}
 Every file is written to a temporary name first and then renamed, so a crash leaves no half-written file.
+
+A prepare script changes a dataset folder all at once or not at all (`dataset_writer`): it writes every
+file into a fresh folder <out>/.tmp-prepare-<pid>/ and only when all of them are written moves them into
+<out>: first the old meta.json is deleted, then the split files are renamed in, then meta.json. A run that
+fails (a bad input, a full disk, Ctrl-C) leaves the old dataset whole; a crash during the few renames
+leaves a folder without meta.json, which load_split refuses (naming the prepare command), never a mix of
+old and new splits. Only the files of the dataset are replaced: <out> may also hold raw/ downloads or the
+prepare script itself. A temporary folder left by a killed run is deleted by the next run into <out>.
 """
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -14,6 +24,7 @@ import shutil
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -35,18 +46,49 @@ def prepare_hint(data_dir):
 # ----------------------------------------------------------------------------- writing
 
 def _tmp(path):
-    return path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
+    """A temporary name beside path, unique per writer (two processes never share one)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def _save_atomic(path, arr):
+def atomic_write(path, write):
+    """write(f) into a temporary file beside path, fsync, then rename over path: a reader sees
+    the old file or the new one, never half of one. On any failure the temporary file is removed
+    and path is left as it was; a full disk is reported as such."""
+    path = Path(path)
     tmp = _tmp(path)
     try:
         with open(tmp, "wb") as f:
-            np.save(f, arr)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        size = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
+        if _disk_full(e, path.parent, size):
+            kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+            raise OSError(getattr(e, "errno", None) or errno.ENOSPC,
+                          f"could not write {path}: the disk is full (or a quota or file size limit was hit) "
+                          f"after {size / 1e6:.1f} MB had been written ({e}); {kept}") from None
         raise
+    return path
+
+
+def _disk_full(e, folder, written, margin=16 << 20):
+    """Whether a failed write of `written` bytes into folder hit a full disk. torch.save reports one as
+    RuntimeError('... unexpected pos ...'), not as ENOSPC, so any error counts when, with the partial file
+    deleted again, the folder has hardly more free space than those bytes."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    try:
+        return isinstance(e, Exception) and shutil.disk_usage(folder).free < written + margin
+    except OSError:
+        return False
+
+
+def _save_atomic(path, arr):
+    atomic_write(path, lambda f: np.save(f, arr))
 
 
 def _check_shape(shape, what):
@@ -134,11 +176,58 @@ def write_meta(out_dir, name, classes, image_size, channels, splits):
     meta = {"name": name, "image_size": int(image_size), "channels": int(channels),
             "num_classes": len(classes), "classes": [str(c) for c in classes],
             "splits": {k: int(v) for k, v in splits.items()}}
-    path = Path(out_dir) / "meta.json"
-    tmp = path.with_name(f"meta.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(Path(out_dir) / "meta.json", lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
     return meta
+
+
+def _split_files(d):
+    """The split files that d/meta.json lists ([] without a readable one)."""
+    try:
+        return [f"{s}{x}.npy" for s in json.loads((d / "meta.json").read_text())["splits"] for x in ("", "_labels")]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+@contextlib.contextmanager
+def dataset_writer(out_dir):
+    """with dataset_writer(out) as tmp: write_split(tmp, ...) ...; write_meta(tmp, ...)
+    The files go into a fresh temporary folder inside out and replace out's dataset files only when the
+    block ends without an error (see the module docstring); the temporary folder is always removed."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob(".tmp-prepare-*"):  # left by a killed run
+        pid = old.name.removeprefix(".tmp-prepare-")
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = out / f".tmp-prepare-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        new = _split_files(tmp)
+        missing = [n for n in new + ["meta.json"] if not (tmp / n).is_file()]
+        if missing or not new:
+            raise RuntimeError(f"dataset_writer: {tmp} lacks {', '.join(missing or ['meta.json'])}; "
+                               f"{out} was left as it was")
+        old = _split_files(out)
+        (out / "meta.json").unlink(missing_ok=True)  # from here on load_split refuses out until the end
+        for name in new:
+            os.replace(tmp / name, out / name)
+        for name in set(old) - set(new):
+            (out / name).unlink(missing_ok=True)
+        os.replace(tmp / "meta.json", out / "meta.json")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -221,8 +310,9 @@ def planar_to_hwc(data, size, channels=3):
     return data.reshape(len(data), channels, size, size).transpose(0, 2, 3, 1)
 
 
-def md5sum(path):
-    h = hashlib.md5()
+def file_digest(path, algo):
+    """Hex digest of a file by a hashlib algorithm ("md5", "sha256"), read in 1 MB blocks."""
+    h = hashlib.new(algo)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
@@ -239,8 +329,8 @@ def download(url, dest, md5=None, timeout=30):
         with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
             while block := r.read(1 << 20):
                 f.write(block)
-        if md5 is not None and md5sum(part) != md5:
-            raise OSError(f"checksum mismatch (md5 {md5sum(part)}, expected {md5})")
+        if md5 is not None and (got := file_digest(part, "md5")) != md5:
+            raise OSError(f"checksum mismatch (md5 {got}, expected {md5})")
         os.replace(part, dest)
     except (OSError, ValueError) as e:  # URLError, timeouts and bad URLs
         part.unlink(missing_ok=True)

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from data.common import DATA_ROOT, cli, download, planar_to_hwc, print_summary, write_meta, write_split  # noqa: E402
+from data.common import (DATA_ROOT, cli, dataset_writer, download, planar_to_hwc,  # noqa: E402
+                         print_summary, write_meta, write_split)
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -110,11 +111,13 @@ def main(argv=None):
                                  f"  python data/cifar10/prepare.py --src cifar-10-python.tar.gz") from None
     read = open_batches(src)
     classes, counts = class_names(read, src), {}
-    for split, names in SPLITS.items():
-        x, y = read_split(read, names, src)
-        write_split(out, split, x, y)
-        counts[split] = len(x)
-    print_summary(out, write_meta(out, "cifar10", classes, 32, 3, counts), t0)
+    with dataset_writer(out) as tmp:
+        for split, names in SPLITS.items():
+            x, y = read_split(read, names, src)
+            write_split(tmp, split, x, y)
+            counts[split] = len(x)
+        meta = write_meta(tmp, "cifar10", classes, 32, 3, counts)
+    print_summary(out, meta, t0)
 
 
 if __name__ == "__main__":

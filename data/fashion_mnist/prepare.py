@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from data.common import DATA_ROOT, cli, download, print_summary, write_meta, write_split  # noqa: E402
+from data.common import (DATA_ROOT, cli, dataset_writer, download, print_summary,  # noqa: E402
+                         write_meta, write_split)
 
 URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -87,15 +88,17 @@ def main(argv=None):
     t0, out = time.time(), Path(args.out)
     src = locate(args.src, out / "raw")
     counts = {}
-    for split, prefix in (("train", "train"), ("val", "t10k")):
-        x = read_idx(find(src, f"{prefix}-images-idx3-ubyte.gz"), 3)
-        y = read_idx(find(src, f"{prefix}-labels-idx1-ubyte.gz"), 1).astype(np.int64)
-        if x.shape[1:] != (28, 28) or len(x) != len(y) or y.max(initial=0) >= len(CLASSES):
-            raise ValueError(f"{src}: {prefix}-* files hold images {x.shape} and {len(y)} labels in [0, "
-                             f"{y.max(initial=0)}]; expected N x 28 x 28 images and N labels in [0, 10)")
-        write_split(out, split, np.pad(x, ((0, 0), (2, 2), (2, 2)))[..., None], y)
-        counts[split] = len(x)
-    print_summary(out, write_meta(out, "fashion_mnist", CLASSES, 32, 1, counts), t0)
+    with dataset_writer(out) as tmp:
+        for split, prefix in (("train", "train"), ("val", "t10k")):
+            x = read_idx(find(src, f"{prefix}-images-idx3-ubyte.gz"), 3)
+            y = read_idx(find(src, f"{prefix}-labels-idx1-ubyte.gz"), 1).astype(np.int64)
+            if x.shape[1:] != (28, 28) or len(x) != len(y) or y.max(initial=0) >= len(CLASSES):
+                raise ValueError(f"{src}: {prefix}-* files hold images {x.shape} and {len(y)} labels in [0, "
+                                 f"{y.max(initial=0)}]; expected N x 28 x 28 images and N labels in [0, 10)")
+            write_split(tmp, split, np.pad(x, ((0, 0), (2, 2), (2, 2)))[..., None], y)
+            counts[split] = len(x)
+        meta = write_meta(tmp, "fashion_mnist", CLASSES, 32, 1, counts)
+    print_summary(out, meta, t0)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ Usage (from the repo root):
 
 DIR/<class>/... : one subfolder per class (sorted names give labels 0..K-1), images searched recursively in
 it (*.jpg, *.jpeg, *.png, any case; other files are ignored). Each image is cut to its central square and
-resized to --size x --size (bicubic, antialiased); RGB unless --gray. The val split is --val_src (same
-class folder names) or a per-class random --val_frac of DIR (default 0.1; 0 = no val split).
+resized to --size x --size (bicubic, antialiased); RGB unless --gray; 16-bit PNGs are scaled to 8 bits.
+The val split is --val_src (same class folder names) or a per-class random --val_frac of DIR (default 0.1;
+0 = no val split).
 An unreadable image stops the run with its name, or is skipped with a warning under --skip_bad.
 """
 import argparse
@@ -21,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from data.common import DATA_ROOT, SplitWriter, cli, print_summary, write_meta  # noqa: E402
+from data.common import DATA_ROOT, SplitWriter, cli, dataset_writer, print_summary, write_meta  # noqa: E402
 
 EXTS = {".jpg", ".jpeg", ".png"}
 
@@ -43,12 +44,23 @@ def list_tree(root):
     return tree
 
 
+def to_8bit(im):
+    """16-bit grayscale PNGs open in mode I;16 (or I), which convert() would clip at 255: keep the high byte
+    instead, as Pillow does when it opens a 16-bit RGB PNG as 8-bit RGB."""
+    if not im.mode.startswith("I"):
+        return im
+    a = np.asarray(im)
+    if a.min() < 0 or a.max() > 65535:
+        raise ValueError(f"mode {im.mode} pixel values in [{a.min()}, {a.max()}], expected 16-bit 0..65535")
+    return Image.fromarray((a >> 8).astype(np.uint8))
+
+
 def load_image(job):
     """job = (path, size, PIL mode) -> ((size, size, C) uint8 array, None), or (None, error naming the file)."""
     path, size, mode = job
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert(mode)  # convert() decodes, so bad data fails here
+            im = to_8bit(ImageOps.exif_transpose(im)).convert(mode)  # decoding happens here: bad data fails here
         w, h = im.size
         s = min(w, h)
         im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
@@ -121,14 +133,16 @@ def main(argv=None):
         held = set(rng.permutation(len(files))[:k].tolist())
         train += [(f, label) for i, f in enumerate(files) if i not in held]
         val += [(f, label) for i, f in enumerate(files) if i in held]
-    counts = {"train": convert(train, out, "train", args)}
-    if val:
-        counts["val"] = convert(val, out, "val", args)
-    else:
-        print("note: no val split (--val_frac 0 or one image per class)")
     channels = 1 if args.gray else 3
     name = args.name or Path(args.src).resolve().name
-    print_summary(out, write_meta(out, name, classes, args.size, channels, counts), t0)
+    with dataset_writer(out) as tmp:
+        counts = {"train": convert(train, tmp, "train", args)}
+        if val:
+            counts["val"] = convert(val, tmp, "val", args)
+        else:
+            print("note: no val split (--val_frac 0 or one image per class)")
+        meta = write_meta(tmp, name, classes, args.size, channels, counts)
+    print_summary(out, meta, t0)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from data.common import DATA_ROOT, SplitWriter, cli, planar_to_hwc, print_summary, write_meta  # noqa: E402
+from data.common import (DATA_ROOT, SplitWriter, cli, dataset_writer, planar_to_hwc,  # noqa: E402
+                         print_summary, write_meta)
 
 TRAIN = [f"train_data_batch_{i}.npz" for i in range(1, 11)]
 VAL = "val_data.npz"
@@ -93,10 +94,11 @@ def main(argv=None):
     if missing or not any(n in found for n in TRAIN):
         raise FileNotFoundError(f"{src} lacks {', '.join(missing or ['every train_data_batch_*.npz'])} "
                                 f"(the official downsampled ImageNet 64x64 npz files)")
-    n_val = convert([found[VAL]], out, "val")  # val first: it is small, so bad input shows up early
-    n_train = convert([found[n] for n in TRAIN if n in found], out, "train")
-    counts = {"train": n_train, "val": n_val}
-    print_summary(out, write_meta(out, "imagenet64", class_names(found), SIZE, 3, counts), t0)
+    with dataset_writer(out) as tmp:
+        n_val = convert([found[VAL]], tmp, "val")  # val first: it is small, so bad input shows up early
+        n_train = convert([found[n] for n in TRAIN if n in found], tmp, "train")
+        meta = write_meta(tmp, "imagenet64", class_names(found), SIZE, 3, {"train": n_train, "val": n_val})
+    print_summary(out, meta, t0)
 
 
 if __name__ == "__main__":
