@@ -31,11 +31,12 @@ noisy images only, x0 target, one mask ratio drawn per micro-batch:
     SCHEMES["random_ratio"] = Scheme(RatioKnobs, {"random_ratio": RatioKnobs()}, random_ratio_loss, ("x0_loss",))
     # python train.py --loss=random_ratio --max_mask_ratio=0.3
 
-A full fork sits at the end of this file: flow matching (SCHEMES["flow"], --loss=flow), sampled by
-sample.py's flow samplers.
+A scheme that keeps UMD's batch split and changes the noisy branch reuses branch_split_loss: the
+flow-matching fork at the end of this file (SCHEMES["flow"], --loss=flow) is written that way, and
+sample.py has the samplers it names (Scheme.samplers).
 """
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Optional
 
 import torch
@@ -140,41 +141,49 @@ def masked_mse(pred, target, weight):
     return ((pred - target) ** 2 * weight).sum() / weight.sum().clamp(min=1)
 
 
+def target_losses(x0_pred, eps_pred, x0, eps, mask):
+    """UMD's two noisy targets -> (eps loss, x0 loss): without a mask both on all pixels; with one,
+    eps on the visible pixels (it is hopeless under a mask) and x0 on the masked ones."""
+    pix = pixel_mask(mask, x0.shape[-1])
+    if pix is None:
+        return F.mse_loss(eps_pred, eps), F.mse_loss(x0_pred, x0)
+    return masked_mse(eps_pred, eps, 1 - pix), masked_mse(x0_pred, x0, pix)
+
+
+def branch_split_loss(model, x0, y, knobs, chunk, noisy_loss, clean_mask=None):
+    """The batch split of the diagram: noisy_loss(x, y) -> (loss, parts) on the first b - n_clean
+    images, MAE's loss on the last n_clean (t_model 0, the null label = y None, masked pixels),
+    each weighted by its share of the micro-batch. Returns (loss, parts)."""
+    B = x0.shape[0]
+    n_clean = clean_count(B, knobs.no_noise_prob, chunk)
+    n_noisy = B - n_clean
+    loss, parts = x0.new_zeros(()), {"clean_share": torch.tensor(n_clean / B)}
+    if n_noisy > 0:
+        noisy, noisy_parts = noisy_loss(x0[:n_noisy], None if y is None else y[:n_noisy])
+        loss = loss + noisy * (n_noisy / B)
+        parts.update(noisy_parts)
+    if n_clean > 0:
+        x = x0[n_noisy:]
+        t_clean = torch.zeros(n_clean, dtype=torch.long, device=x0.device)
+        x0_pred, _, mask = model(x, t_clean, None, knobs.mask_ratio_clean, clean_mask)
+        clean_loss = masked_mse(x0_pred, x, pixel_mask(mask, x.shape[-1]))
+        loss = loss + clean_loss * (n_clean / B)
+        parts["clean_loss"] = clean_loss.detach()
+    return loss, parts
+
+
 def umd_loss(model, x0, y, abar, knobs, chunk=(0, 1), t=None, eps=None, masks=(None, None)):
     """The UMD objective on micro-batch chunk = (i, n) of a global batch. Returns (loss, parts).
     model(x, t_model, y, mask_ratio, mask) -> (x0_pred, eps_pred, mask); y None = null label.
     t, eps and masks=(noisy_mask, clean_mask) may be given to fix the randomness (tests)."""
-    B, size = x0.shape[0], x0.shape[-1]
-    n_clean = clean_count(B, knobs.no_noise_prob, chunk)
-    n_noisy = B - n_clean
-    loss = x0.new_zeros(())
-    parts = {"clean_share": torch.tensor(n_clean / B)}
-
-    if n_noisy > 0:
-        x = x0[:n_noisy]
-        if t is None:
-            t = torch.randint(0, len(abar), (n_noisy,), device=x0.device)
-        if eps is None:
-            eps = torch.randn_like(x)
-        x0_pred, eps_pred, mask = model(q_sample(x, t, eps, abar), t + 1, None if y is None else y[:n_noisy],
-                                        knobs.mask_ratio_noisy, masks[0])
-        pix = pixel_mask(mask, size)
-        if pix is None:  # no masking: both targets on all pixels
-            eps_loss, x0_loss = F.mse_loss(eps_pred, eps), F.mse_loss(x0_pred, x)
-        else:            # eps is hopeless under a mask: eps on visible pixels, x0 on masked ones
-            eps_loss, x0_loss = masked_mse(eps_pred, eps, 1 - pix), masked_mse(x0_pred, x, pix)
-        noisy_loss = {"both": (eps_loss + x0_loss) / 2, "x0": x0_loss, "eps": eps_loss}[knobs.noisy_target]
-        loss = loss + noisy_loss * (n_noisy / B)
-        parts["noisy_eps_loss"], parts["noisy_x0_loss"] = eps_loss.detach(), x0_loss.detach()
-
-    if n_clean > 0:  # t_model 0 and the null label (y None)
-        x = x0[n_noisy:]
-        t_clean = torch.zeros(n_clean, dtype=torch.long, device=x0.device)
-        x0_pred, _, mask = model(x, t_clean, None, knobs.mask_ratio_clean, masks[1])
-        clean_loss = masked_mse(x0_pred, x, pixel_mask(mask, size))
-        loss = loss + clean_loss * (n_clean / B)
-        parts["clean_loss"] = clean_loss.detach()
-    return loss, parts
+    def noisy_loss(x, y):  # x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps at t_model = t + 1
+        t_ = torch.randint(0, len(abar), (len(x),), device=x.device) if t is None else t
+        eps_ = torch.randn_like(x) if eps is None else eps
+        x0_pred, eps_pred, mask = model(q_sample(x, t_, eps_, abar), t_ + 1, y, knobs.mask_ratio_noisy, masks[0])
+        eps_loss, x0_loss = target_losses(x0_pred, eps_pred, x, eps_, mask)
+        both = {"both": (eps_loss + x0_loss) / 2, "x0": x0_loss, "eps": eps_loss}[knobs.noisy_target]
+        return both, {"noisy_eps_loss": eps_loss.detach(), "noisy_x0_loss": x0_loss.detach()}
+    return branch_split_loss(model, x0, y, knobs, chunk, noisy_loss, masks[1])
 
 
 def umd_flops_per_image(model, knobs):
@@ -263,41 +272,23 @@ def flow_loss(model, x0, y, abar, knobs, chunk=(0, 1), s=None, eps=None, masks=(
     predict x0 and eps, the velocity is v = dx_s/ds = eps - x0. flow_target "split": UMD's noisy loss;
     "velocity": SiT's MSE of eps_pred - x0_pred against v on all pixels, and under a mask on the visible
     ones, plus x0 on the masked ones 50/50 (eps, hence v, is unknowable there). s, eps, masks: tests."""
-    B, size = x0.shape[0], x0.shape[-1]
-    n_clean = clean_count(B, knobs.no_noise_prob, chunk)
-    n_noisy = B - n_clean
-    loss = x0.new_zeros(())
-    parts = {"clean_share": torch.tensor(n_clean / B)}
-
-    if n_noisy > 0:
-        x = x0[:n_noisy]
-        if s is None:
-            s = torch.rand(n_noisy, device=x0.device) if knobs.time_dist == "uniform" else \
-                torch.randn(n_noisy, device=x0.device).sigmoid()
-        s = s.clamp(1 / T, 1)  # t_model 0 is the clean image (flow_t_model)
-        eps = torch.randn_like(x) if eps is None else eps
-        sv = s.to(x.dtype).view(-1, 1, 1, 1)
-        x0_pred, eps_pred, mask = model((1 - sv) * x + sv * eps, flow_t_model(s), None if y is None else y[:n_noisy],
-                                        knobs.mask_ratio_noisy, masks[0])
-        pix = pixel_mask(mask, size)
-        vis = torch.ones_like(x[:, :1]) if pix is None else 1 - pix  # eps and v: on the visible pixels
-        eps_loss, v_loss = masked_mse(eps_pred, eps, vis), masked_mse(eps_pred - x0_pred, eps - x, vis)
-        x0_loss = masked_mse(x0_pred, x, vis if pix is None else pix)  # x0: on the masked ones (all if none)
+    def noisy_loss(x, y):
+        s_ = s if s is not None else torch.rand(len(x), device=x.device) if knobs.time_dist == "uniform" else \
+            torch.randn(len(x), device=x.device).sigmoid()
+        s_ = s_.clamp(1 / T, 1)  # t_model 0 is the clean image (flow_t_model)
+        eps_ = torch.randn_like(x) if eps is None else eps
+        sv = s_.to(x.dtype).view(-1, 1, 1, 1)
+        x0_pred, eps_pred, mask = model((1 - sv) * x + sv * eps_, flow_t_model(s_), y, knobs.mask_ratio_noisy, masks[0])
+        eps_loss, x0_loss = target_losses(x0_pred, eps_pred, x, eps_, mask)
+        pix = pixel_mask(mask, x.shape[-1])
+        v_loss = masked_mse(eps_pred - x0_pred, eps_ - x, torch.ones_like(x[:, :1]) if pix is None else 1 - pix)
         if knobs.flow_target == "split":
-            noisy_loss = {"both": (eps_loss + x0_loss) / 2, "x0": x0_loss, "eps": eps_loss}[knobs.noisy_target]
+            noisy = {"both": (eps_loss + x0_loss) / 2, "x0": x0_loss, "eps": eps_loss}[knobs.noisy_target]
         else:
-            noisy_loss = v_loss if pix is None else (v_loss + x0_loss) / 2
-        loss = loss + noisy_loss * (n_noisy / B)
-        parts.update(noisy_eps_loss=eps_loss.detach(), noisy_x0_loss=x0_loss.detach(), noisy_v_loss=v_loss.detach())
-
-    if n_clean > 0:  # UMD's clean branch: t_model 0, the null label, MAE's loss
-        x = x0[n_noisy:]
-        x0_pred, _, mask = model(x, torch.zeros(n_clean, dtype=torch.long, device=x0.device), None,
-                                 knobs.mask_ratio_clean, masks[1])
-        clean_loss = masked_mse(x0_pred, x, pixel_mask(mask, size))
-        loss = loss + clean_loss * (n_clean / B)
-        parts["clean_loss"] = clean_loss.detach()
-    return loss, parts
+            noisy = v_loss if pix is None else (v_loss + x0_loss) / 2
+        return noisy, {"noisy_eps_loss": eps_loss.detach(), "noisy_x0_loss": x0_loss.detach(),
+                       "noisy_v_loss": v_loss.detach()}
+    return branch_split_loss(model, x0, y, knobs, chunk, noisy_loss, masks[1])
 
 
 def flow_noise_at(x0, t, eps, abar):

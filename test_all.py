@@ -2322,3 +2322,12 @@ def test_bad_arguments_are_named_before_any_work(toy_data, tmp_path, entry, args
     else:
         with pytest.raises(ValueError, match=msg):
             probe.main(["--ckpt", ckpt, "--data", toy_data, "--quiet", *args])
+
+
+def test_a_stuck_rank_ends_the_run_naming_it(toy_data, tmp_path):
+    """Training collectives time out after step_timeout_minutes (here 3 s), not the 30 minutes that
+    start-up and evals get; the error names the rank that does not answer."""
+    t0 = time.time()
+    r = torchrun("train.py", argv(toy_data, tmp_path, _test_stall_step=3, step_timeout_minutes=0.05))
+    assert r.returncode != 0 and time.time() - t0 < 60
+    assert "error: rank 0: a collective failed at step 3" in r.stderr and "Ranks 1 failed to pass" in r.stderr

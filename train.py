@@ -107,13 +107,17 @@ class Config:
     eval_steps: int = 125         # sampler steps of the eval samples (DDIM for umd, Heun for flow)
     eval_cfg_scale: float = 1.0   # guidance of the eval samples (models with labels)
     max_nonfinite: int = 5        # this many non-finite steps in a row stop the run
+    step_timeout_minutes: float = 10.0  # a training-step collective waiting longer ends the run, naming the
+                                  # stuck rank (start-up and evals, which rank 0 runs alone, get 30 minutes)
     _test_nan_steps: tuple = ()   # for the tests: steps (numbered as in the log, from 1) whose loss is made NaN
     _test_stop_step: int = 0      # for the tests: act as if preempted after this step
+    _test_stall_step: int = 0     # for the tests: rank 1 hangs before this step
 
 
 # Keys one may change when resuming a run; any other change makes it another run.
 FREE_ON_RESUME = {"out_dir", "resume", "allow_config_change", "device", "dtype", "compile", "grad_accum",
-                  "log_interval", "ckpt_interval", "max_nonfinite", "_test_nan_steps", "_test_stop_step"} | \
+                  "log_interval", "ckpt_interval", "max_nonfinite", "step_timeout_minutes", "_test_nan_steps",
+                  "_test_stop_step", "_test_stall_step"} | \
                  {f.name for f in fields(Config) if f.name.startswith("eval_")}
 RANGES = {  # key: (test, what it must be); every number gets one
     "batch_size": (lambda v: v >= 1, ">= 1"), "grad_accum": (lambda v: v >= 1, ">= 1"),
@@ -129,7 +133,8 @@ RANGES = {  # key: (test, what it must be); every number gets one
     "eval_interval": (lambda v: v >= 0, ">= 0 (0: no evals)"), "eval_shots": (lambda v: v >= 0, ">= 0"),
     "eval_max_test": (lambda v: v >= 0, ">= 0"), "eval_samples": (lambda v: v >= 0, ">= 0"),
     "eval_steps": (lambda v: 1 <= v <= T, f"in [1, {T}]"), "eval_cfg_scale": (lambda v: v >= 0, ">= 0"),
-    "max_nonfinite": (lambda v: v >= 1, ">= 1"), "_test_stop_step": (lambda v: v >= 0, ">= 0"),
+    "max_nonfinite": (lambda v: v >= 1, ">= 1"), "step_timeout_minutes": (lambda v: v > 0, "> 0"),
+    "_test_stop_step": (lambda v: v >= 0, ">= 0"), "_test_stall_step": (lambda v: v >= 0, ">= 0"),
 }
 CHOICES = {"dtype": ("bf16", "fp32"), "schedule": ("cosine", "linear")}
 PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense bf16 per GPU (TF32: half)
@@ -497,6 +502,19 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+class StalledError(RuntimeError):
+    pass
+
+
+def stuck_ranks(monitor, seconds=10):
+    """After a failed collective: which ranks do not answer a (gloo) monitored barrier now."""
+    try:
+        dist.monitored_barrier(group=monitor, timeout=datetime.timedelta(seconds=seconds), wait_all_ranks=True)
+        return "every rank answers a barrier now"
+    except RuntimeError as e:
+        return str(e).strip().split("\n")[0]
+
+
 # ---- the run ------------------------------------------------------------------------------------
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
@@ -550,9 +568,12 @@ def main(argv=None):
         for e in events + ([{"event": "resume"}] if step else []):
             write_log({"step": step, **e})
         model = torch.compile(raw) if cfg.compile else raw
-        if run.world > 1:
+        group = monitor = None
+        if run.world > 1:  # steps get a short timeout: a stuck rank must not stall the job for long
+            group = dist.new_group(timeout=datetime.timedelta(minutes=cfg.step_timeout_minutes))
+            monitor = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=cfg.step_timeout_minutes))
             model = DDP(model, device_ids=[run.local_rank] if device.startswith("cuda") else None,
-                        find_unused_parameters=not scheme.every_param_used(knobs))
+                        find_unused_parameters=not scheme.every_param_used(knobs), process_group=group)
         autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if cfg.dtype == "bf16" else nullcontext()
         flops = scheme.flops_per_image(raw, knobs) if scheme.flops_per_image else 0
         peak = peak_flops(device, cfg.dtype)
@@ -579,13 +600,15 @@ def main(argv=None):
             lr_now = lr_at(step)
             for g in opt.param_groups:
                 g["lr"] = lr_now
+            while step + 1 == cfg._test_stall_step and run.rank == 1 and not stop_signal:
+                time.sleep(0.05)  # hangs until torchrun stops it
             loss, parts, batch = train_step(model, scheme, knobs, abar, batch, next_batch, cfg, step, chunks,
                                             autocast, keys)
             norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or math.inf)
             stop = max(stop_signal, default=0) or (255 if step + 1 == cfg._test_stop_step else 0)
             flags = torch.stack([~(loss.isfinite() & norm.isfinite()), torch.tensor(stop, device=device)]).float()
             if run.world > 1:  # every rank must skip, stop and save together
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
             bad, stop = (int(v) for v in flags.tolist())  # the one host sync per step
             if bad:
                 opt.zero_grad(set_to_none=True)
@@ -610,7 +633,7 @@ def main(argv=None):
 
             if (step % cfg.log_interval == 0 or step == total) and counts[0] > 0:  # (skipped steps: logged above)
                 if run.world > 1:
-                    dist.all_reduce(sums), dist.all_reduce(counts)
+                    dist.all_reduce(sums, group=group), dist.all_reduce(counts, group=group)
                 avg = {k: v for k, v, n in zip(keys, (sums / counts.clamp(min=1)).tolist(), counts.tolist()) if n}
                 dt = time.time() - t_last
                 ips = (step - step_last) * B / dt
@@ -626,11 +649,14 @@ def main(argv=None):
                 write_log(entry)
                 sums.zero_(), counts.zero_()
                 t_last, step_last = time.time(), step
-            if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == total) and run.master:
-                res = evaluate(ema if ema is not None else raw, cfg, abar, pretrain_knobs, step, device)
+            if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == total):
+                res = evaluate(ema if ema is not None else raw, cfg, abar, pretrain_knobs, step, device) \
+                    if run.master else {}
                 if res:
                     log(f"eval step {step}: {res}")
                     write_log({"step": step, "event": "eval", **res})
+                if run.world > 1:
+                    dist.barrier()  # the others wait for rank 0's eval here, under the long timeout
                 t_last = time.time()  # eval time is not training throughput
             if stop or (cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and step < total):
                 if run.master:
@@ -645,6 +671,12 @@ def main(argv=None):
             save_checkpoint(ckpt_path, raw, ema, opt, step, cfg, knobs, pretrain_knobs)
         log(f"done: {step} steps, checkpoint {ckpt_path}")
         return {"step": step, "model": raw, "ema": ema, "stopped": None}
+    except RuntimeError as e:
+        if run.world == 1 or isinstance(e, NonFiniteError) or "monitor" not in locals() or monitor is None:
+            raise
+        raise StalledError(f"rank {run.rank}: a collective failed at step {step + 1} (a rank stalled for "
+                           f"step_timeout_minutes {cfg.step_timeout_minutes:g}, or died): {str(e).strip()[:300]}; "
+                           f"{stuck_ranks(monitor, min(10.0, 60 * cfg.step_timeout_minutes))}") from None
     finally:
         if run.master and "lock" in locals() and lock is not None:
             lock.close()  # releases the out_dir lock
@@ -659,7 +691,7 @@ if __name__ == "__main__":
         sys.exit(print(help_text()))
     try:
         result = main()
-    except (ValueError, OSError, NonFiniteError) as e:
+    except (ValueError, OSError, NonFiniteError, StalledError) as e:
         sys.exit(f"error: {e}")
     if dist.is_torchelastic_launched():  # torch 2.13 DDP (gloo) runs sometimes abort in C++ teardown
         sys.stdout.flush(), sys.stderr.flush()  # at interpreter exit ("terminate called without an

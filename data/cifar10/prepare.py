@@ -1,16 +1,25 @@
-"""CIFAR-10 from the canonical python batches -> data/cifar10/ (32x32x3, train 50,000, val = test 10,000).
+"""CIFAR-10 -> data/cifar10/ (32x32x3): from the canonical python batches (train 50,000, val = test 10,000),
+or from a JPEG-bytes npz of the train split (train 45,000, val 5,000 held out of it).
 
 Usage (from the repo root):
     python data/cifar10/prepare.py                               # <out>/raw/cifar-10-python.tar.gz, else download
     python data/cifar10/prepare.py --src cifar-10-python.tar.gz  # the archive, read without extracting it
     python data/cifar10/prepare.py --src DIR                     # the extracted cifar-10-batches-py (or its parent)
+    python data/cifar10/prepare.py --src FILE.npz [--val_frac 0.1] [--seed 0]   # a JPEG-bytes npz
     python data/cifar10/prepare.py --out DIR                     # write elsewhere than data/cifar10/
 
 The batches (data_batch_1..5, test_batch, batches.meta) are pickles of {b'data': N x 3072 uint8 channel
 planes, b'labels': [...]}; they are unpickled with an allow-list (numpy arrays only), not plain pickle.load.
+
+A JPEG-bytes npz holds `jpeg` uint8 (every image's JPEG file joined end to end), `offsets` int64 (N + 1,)
+(image i is jpeg[offsets[i]:offsets[i + 1]]), `labels` (N,), `classes` str (C,) and `paths` str (N,); the
+images are decoded with Pillow (RGB). It holds the train split only, so the val split is held out of it:
+class-balanced, round(val_frac * n_c) images of each class c, drawn by default_rng(seed).permutation of the
+class's indices (in class order); both splits keep the file's order. --val_frac 0 writes no val split.
 """
 import argparse
 import io
+import zipfile
 import pickle
 import sys
 import tarfile
@@ -93,13 +102,76 @@ def class_names(read, src):
     return [c.decode() if isinstance(c, bytes) else str(c) for c in names]
 
 
+# ---- a JPEG-bytes npz of the train split ----------------------------------------------------------
+def read_jpeg_npz(src):
+    """-> (images uint8 (N, 32, 32, 3), labels int64 (N,), class names) from a JPEG-bytes npz."""
+    from PIL import Image
+    try:
+        with np.load(src) as d:
+            missing = [k for k in ("jpeg", "offsets", "labels", "classes") if k not in d]
+            if missing:
+                raise ValueError(f"{src}: a JPEG-bytes npz needs jpeg, offsets, labels and classes; it lacks "
+                                 f"{', '.join(missing)} (has {sorted(d)})")
+            jpeg, offsets, labels, classes = d["jpeg"], d["offsets"], d["labels"], d["classes"]
+            paths = d["paths"] if "paths" in d else None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"cannot read {src} as an npz ({e})") from None
+    n = len(labels)
+    if jpeg.dtype != np.uint8 or jpeg.ndim != 1:
+        raise ValueError(f"{src}: jpeg must be a 1-D uint8 array of JPEG bytes, got {jpeg.dtype} {jpeg.shape}")
+    if (offsets.ndim != 1 or not np.issubdtype(offsets.dtype, np.integer) or len(offsets) != n + 1
+            or offsets[0] != 0 or offsets[-1] != len(jpeg) or (np.diff(offsets) <= 0).any()):
+        raise ValueError(f"{src}: offsets must be N + 1 = {n + 1} increasing integers from 0 to len(jpeg) = "
+                         f"{len(jpeg)}; got {offsets.dtype} {offsets.shape}")
+    if (labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or n == 0
+            or labels.min() < 0 or labels.max() >= len(classes)):
+        raise ValueError(f"{src}: labels must be N >= 1 class ids in [0, {len(classes)}) (len(classes)); "
+                         f"got {labels.dtype} {labels.shape}" + (f", range [{labels.min()}, {labels.max()}]" if n else ""))
+    images = np.empty((n, 32, 32, 3), np.uint8)
+    for i in range(n):
+        name = f"image {i}" + (f" ({paths[i]})" if paths is not None and len(paths) == n else "")
+        try:
+            with Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes())) as im:
+                a = np.asarray(im.convert("RGB"))
+        except Exception as e:  # Pillow raises many kinds for bad data
+            raise ValueError(f"{src}: cannot decode {name}: {type(e).__name__}: {e}") from None
+        if a.shape != (32, 32, 3):
+            raise ValueError(f"{src}: {name} is {a.shape[1]}x{a.shape[0]}, expected CIFAR-10's 32x32")
+        images[i] = a
+    return images, labels.astype(np.int64), [str(c) for c in classes]
+
+
+def class_balanced_split(labels, val_frac, seed):
+    """(train indices, val indices), both sorted: round(val_frac * n_c) of each class c to val,
+    the first ones of default_rng(seed).permutation of the class's indices, classes in order."""
+    rng, val = np.random.default_rng(seed), []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        val.append(rng.permutation(idx)[:round(val_frac * len(idx))])
+    val = np.sort(np.concatenate(val))
+    return np.setdiff1d(np.arange(len(labels)), val), val
+
+
+def is_npz(src):
+    return Path(src).suffix == ".npz" or Path(src).is_file() and zipfile.is_zipfile(src)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", help="cifar-10-python.tar.gz or the extracted cifar-10-batches-py folder")
+    p.add_argument("--src", help="cifar-10-python.tar.gz, the extracted cifar-10-batches-py folder, or a "
+                                 "JPEG-bytes npz (train split only)")
     p.add_argument("--out", default=str(DATA_ROOT / "cifar10"), help="output folder")
+    p.add_argument("--val_frac", type=float, default=None,
+                   help="JPEG-bytes npz: share of each class held out as val (default 0.1; 0: no val split)")
+    p.add_argument("--seed", type=int, default=0, help="JPEG-bytes npz: seed of the val split")
     args = p.parse_args(argv)
     t0, out = time.time(), Path(args.out)
     src = args.src
+    if src is not None and is_npz(src):
+        return prepare_npz(src, out, 0.1 if args.val_frac is None else args.val_frac, args.seed, t0)
+    if args.val_frac is not None:
+        raise ValueError("--val_frac applies to a JPEG-bytes npz only: the python batches have their own "
+                         "test split, written as val")
     if src is None:
         src = out / "raw" / "cifar-10-python.tar.gz"
         if not src.is_file():
@@ -116,6 +188,23 @@ def main(argv=None):
             x, y = read_split(read, names, src)
             write_split(tmp, split, x, y)
             counts[split] = len(x)
+        meta = write_meta(tmp, "cifar10", classes, 32, 3, counts)
+    print_summary(out, meta, t0)
+
+
+def prepare_npz(src, out, val_frac, seed, t0):
+    if not 0 <= val_frac < 1:
+        raise ValueError(f"--val_frac must be in [0, 1), got {val_frac}")
+    x, y, classes = read_jpeg_npz(src)
+    train, val = class_balanced_split(y, val_frac, seed)
+    if len(train) == 0:
+        raise ValueError(f"--val_frac {val_frac} leaves no training image of the {len(y)} in {src}")
+    with dataset_writer(out) as tmp:
+        counts = {}
+        for split, idx in (("train", train), ("val", val)):
+            if len(idx):
+                write_split(tmp, split, x[idx], y[idx])
+                counts[split] = len(idx)
         meta = write_meta(tmp, "cifar10", classes, 32, 3, counts)
     print_summary(out, meta, t0)
 
