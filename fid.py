@@ -405,7 +405,7 @@ def precision_recall(real, fake, k=3, device=None):
 
 # ----------------------------------------------------------------------------- CLI
 
-def _read_stats(source):
+def read_stats(source):
     """The arrays of a stats npz (or None for an image npz), with mu and sigma checked."""
     try:
         with np.load(source) as d:
@@ -459,7 +459,7 @@ def _run(args):
             cache["model"] = load_inception(args.weights, args.device)
             print(f"inception weights: {cache['model'].source}", file=sys.stderr)
         return cache["model"]
-    known = [_read_stats(s) if s.endswith(".npz") else None for s in args.inputs]  # stats files first: cheap
+    known = [read_stats(s) if s.endswith(".npz") else None for s in args.inputs]  # stats files first: cheap
     sts = [st if st is not None else _image_stats(s, args, model_fn) for s, st in zip(args.inputs, known)]
     if args.cmd == "stats":
         st = sts[0]

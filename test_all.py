@@ -720,6 +720,61 @@ def test_a_scheme_registered_in_a_few_lines_trains_alone_and_under_ddp(toy_data,
     assert "2 ranks" in r.stdout and all("toy_x0_loss" in row for row in log_rows(tmp_path / "ddp") if "event" not in row)
 
 
+# ---- the periodic eval: validation losses, FID over training ---------------------------------
+def test_validation_losses_are_the_same_every_eval(toy_data):
+    images, labels, _ = load_split(toy_data, "val")
+    model = micro(8, perturb=0.05)
+    args = (model, SCHEMES["umd"], (images[:20], torch.from_numpy(labels[:20])), ABAR, "cpu")
+    a, b = train.validation_losses(*args, batch_size=7), train.validation_losses(*args)
+    assert a.keys() == {"val_eps_mse", "val_x0_mse", "val_mae_loss"} and model.training
+    assert a == pytest.approx(b, rel=1e-6)  # fixed noise, timesteps and masks; any batch size
+    with torch.no_grad():
+        model.head.weight.mul_(2)
+    assert train.validation_losses(*args)["val_x0_mse"] != a["val_x0_mse"]
+
+
+def test_fid_reference_stats_are_cached_until_the_data_changes(tmp_path, random_weights, monkeypatch):
+    data = make_data(tmp_path / "d", n=8, n_val=6)
+    cfg = train.Config(data_dir=data, out_dir=str(tmp_path / "out"), eval_fid_samples=4)
+    os.makedirs(cfg.out_dir)
+    inception, calls = fid.load_inception(random_weights), []
+    real = fid.features
+    monkeypatch.setattr(fid, "features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    mu, sigma, pool = train.reference_stats(cfg, inception, print)
+    assert pool.shape == (6, 2048) and len(calls) == 1
+    mu2, _, _ = train.reference_stats(cfg, inception, print)  # from out_dir/fid_ref.npz
+    assert len(calls) == 1 and np.array_equal(mu, mu2)
+    make_data(tmp_path / "d", n=8, n_val=5)  # the val split changes: recomputed
+    _, _, pool3 = train.reference_stats(cfg, inception, print)
+    assert len(calls) == 2 and pool3.shape == (5, 2048)
+
+
+def test_fid_during_training_is_the_same_on_two_processes(toy_data, tmp_path, random_weights):
+    kw = dict(max_steps=2, eval_interval=2, eval_shots=0, eval_samples=0, eval_val_images=0, eval_fid_samples=6,
+              eval_fid_steps=5, eval_fid_cfg_scales=(1.0,), eval_fid_weights=random_weights, lr=1e-9)
+    train.main(argv(toy_data, tmp_path / "one", grad_accum=2, **kw))
+    r = torchrun("train.py", argv(toy_data, tmp_path / "two", **kw))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    evals = [[row for row in log_rows(tmp_path / d) if row.get("event") == "eval"] for d in ("one", "two")]
+    assert len(evals[0]) == len(evals[1]) == 1
+    assert evals[0][0]["fid_uncond"] == pytest.approx(evals[1][0]["fid_uncond"], rel=1e-4)
+    assert {"precision_uncond", "recall_uncond"} <= evals[0][0].keys()  # the reference has 32 val images
+
+
+def test_plot_of_a_run(toy_data, tmp_path, monkeypatch):
+    plot = importlib.import_module("scripts.plot_run")
+    train.main(argv(toy_data, tmp_path, max_steps=4, eval_interval=2, eval_samples=0, eval_max_test=16))
+    assert {"val_eps_mse", "val_x0_mse", "val_mae_loss", "fewshot_10"} <= log_rows(tmp_path)[-1].keys()
+    if importlib.util.find_spec("matplotlib") is None:
+        with pytest.raises(SystemExit, match="pip install matplotlib"):
+            plot.main([str(tmp_path)])
+    else:
+        out = plot.main([str(tmp_path)])
+        assert Image.open(out).size[0] > 500
+    with pytest.raises(SystemExit, match="log.jsonl does not exist"):
+        plot.main([str(tmp_path / "nope")])
+
+
 # ---- preemption and non-finite losses --------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=["SIGTERM", "SIGUSR1", "SIGINT"])
 def test_signal_saves_and_exits_cleanly(toy_data, tmp_path, sig):
@@ -2303,6 +2358,8 @@ BAD_ARGUMENTS = [  # (entry point, arguments, what the message must say)
     ("sample", ["--num_recon", "0"], "--num_recon must be >= 1"),
     ("sample", ["--batch_size", "0"], "--batch_size must be >= 1"),
     ("sample", ["--steps", "400"], "would run 500 steps, not 400"),
+    ("sample", ["--out", "{a_file}/x.npz"], "cannot write {a_file}/x.npz"),  # before sampling, not after
+    *([("sample", ["--device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else []),
     ("probe", ["--noise_t", "5000"], "--noise_t must be < T = 1000"),
     ("probe", ["--max_test", "0"], "--max_test must be >= 1"),
     ("probe", ["--batch_size", "0"], "--batch_size must be >= 1"),
@@ -2313,6 +2370,8 @@ BAD_ARGUMENTS = [  # (entry point, arguments, what the message must say)
 @pytest.mark.parametrize("entry, args, msg", BAD_ARGUMENTS, ids=[f"{e} {' '.join(a)}" for e, a, _ in BAD_ARGUMENTS])
 def test_bad_arguments_are_named_before_any_work(toy_data, tmp_path, entry, args, msg):
     ckpt = write_ckpt(tmp_path / "ckpt.pt", micro(8))
+    (tmp_path / "a_file").write_text("")
+    args, msg = [a.format(a_file=tmp_path / "a_file") for a in args], msg.format(a_file=re.escape(str(tmp_path / "a_file")))
     if entry == "train":
         with pytest.raises(ValueError, match=msg):
             train.check_config(train.parse_config(args))

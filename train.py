@@ -52,8 +52,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from corrupt import SCHEMES, T, make_schedule
-from data.common import atomic_write, check_geometry, load_split
+from corrupt import SCHEMES, T, make_schedule, masked_mse, pixel_mask
+from data.common import atomic_write, check_geometry, load_meta, load_split
 from model import UMD, ModelConfig, from_uint8, load_checkpoint, read_checkpoint
 
 CUDA = torch.cuda.is_available()
@@ -106,6 +106,12 @@ class Config:
     eval_samples: int = 64        # images in the sample grid; 0: no grid
     eval_steps: int = 125         # sampler steps of the eval samples (DDIM for umd, Heun for flow)
     eval_cfg_scale: float = 1.0   # guidance of the eval samples (models with labels)
+    eval_val_images: int = 256    # validation losses on this many fixed val images, fixed noise and masks; 0: none
+    eval_fid_samples: int = 0     # FID / IS / precision-recall of this many samples per guidance scale; 0: none
+    eval_fid_cfg_scales: tuple = (1.0, 2.0, 4.0)  # their guidance scales (models with labels; else unguided)
+    eval_fid_steps: int = 125     # their sampler steps
+    eval_fid_ref: str = ""        # reference stats npz (fid.py stats --features); "": the val split's, cached
+    eval_fid_weights: str = ""    # Inception weights file; "": fid.py's search (see fid.py)
     max_nonfinite: int = 5        # this many non-finite steps in a row stop the run
     step_timeout_minutes: float = 10.0  # a training-step collective waiting longer ends the run, naming the
                                   # stuck rank (start-up and evals, which rank 0 runs alone, get 30 minutes)
@@ -133,6 +139,10 @@ RANGES = {  # key: (test, what it must be); every number gets one
     "eval_interval": (lambda v: v >= 0, ">= 0 (0: no evals)"), "eval_shots": (lambda v: v >= 0, ">= 0"),
     "eval_max_test": (lambda v: v >= 0, ">= 0"), "eval_samples": (lambda v: v >= 0, ">= 0"),
     "eval_steps": (lambda v: 1 <= v <= T, f"in [1, {T}]"), "eval_cfg_scale": (lambda v: v >= 0, ">= 0"),
+    "eval_val_images": (lambda v: v >= 0, ">= 0"), "eval_fid_samples": (lambda v: v == 0 or v >= 2, "0 or >= 2"),
+    "eval_fid_steps": (lambda v: 1 <= v <= T, f"in [1, {T}]"),
+    "eval_fid_cfg_scales": (lambda v: len(v) > 0 and all(isinstance(x, (int, float)) and x >= 0 for x in v),
+                            "a non-empty tuple of numbers >= 0"),
     "max_nonfinite": (lambda v: v >= 1, ">= 1"), "step_timeout_minutes": (lambda v: v > 0, "> 0"),
     "_test_stop_step": (lambda v: v >= 0, ">= 0"), "_test_stall_step": (lambda v: v >= 0, ">= 0"),
 }
@@ -474,28 +484,145 @@ def train_step(model, scheme, knobs, abar, batch, next_batch, cfg, step, chunks,
     return loss_sum, parts_sum, batch
 
 
-def evaluate(model, cfg, abar, pretrain_knobs, step, device):
-    """Few-shot probe (probe.py) and a sample grid (sample.py) -> dict for the log. Rank 0 only."""
+def setup_eval(cfg, run, scheme, device, log):
+    """What the periodic eval needs, made once before training so that a missing weight file or
+    val split fails now, not hours later: the fixed val batch of the validation losses, and for
+    FID the Inception network and the reference statistics (rank 0 computes them once and caches
+    them in out_dir/fid_ref.npz, keyed by the val files, so a changed dataset is recomputed)."""
+    ev = {"val": None, "inception": None, "ref": None}
+    if not cfg.eval_interval:
+        return ev
+    if cfg.eval_val_images and run.master:
+        try:
+            images, labels, _ = load_split(cfg.data_dir, "val")
+        except FileNotFoundError:
+            log(f"note: {cfg.data_dir} has no val split: no validation losses")
+        else:
+            idx = np.sort(np.random.default_rng(0).permutation(len(images))[:cfg.eval_val_images])
+            ev["val"] = (images[idx], torch.from_numpy(labels[idx]))
+    if cfg.eval_fid_samples:
+        import fid
+        ev["inception"] = fid.load_inception(cfg.eval_fid_weights or None, device, download=False)
+        if run.master:
+            ev["ref"] = reference_stats(cfg, ev["inception"], log)
+        if run.world > 1:
+            dist.barrier()  # the long-timeout group: rank 0 may take a while
+    return ev
+
+
+def reference_stats(cfg, inception, log):
+    """(mu, sigma, pool or None) of the reference: eval_fid_ref's npz, or the val split's features."""
+    import fid
+    if cfg.eval_fid_ref:
+        st = fid.read_stats(cfg.eval_fid_ref)
+        if st is None:
+            raise ValueError(f"eval_fid_ref {cfg.eval_fid_ref} holds images, not statistics: make them with "
+                             f"`python fid.py stats SOURCE --features --out {cfg.eval_fid_ref}`")
+        return st["mu"], st["sigma"], st.get("pool")
+    split = "val" if "val" in load_meta(cfg.data_dir)["splits"] else "train"
+    src = os.path.abspath(os.path.join(cfg.data_dir, f"{split}.npy"))
+    key = f"{src} {os.path.getsize(src)} {os.stat(src).st_mtime_ns} {inception.source}"
+    cache = os.path.join(cfg.out_dir, "fid_ref.npz")
+    if os.path.exists(cache):
+        with np.load(cache) as d:
+            if str(d["key"]) == key:
+                return d["mu"], d["sigma"], d["pool"]
+    log(f"FID reference: Inception features of {cfg.data_dir} {split} -> {cache}")
+    pool, _ = fid.features(load_split(cfg.data_dir, split)[0], inception, verbose=False)
+    mu, sigma = fid.mean_cov(pool)
+    atomic_write(cache, lambda f: np.savez(f, key=key, mu=mu, sigma=sigma, pool=pool.astype(np.float32)))
+    return mu, sigma, pool
+
+
+@torch.no_grad()
+def validation_losses(model, scheme, val, abar, device, batch_size=64):
+    """The diffusion loss (eps and x0 MSE, no mask; labels when the model has a table) of noised val
+    images and the masked-reconstruction loss of the clean ones (mask ratio 0.75), with timesteps,
+    noise and masks fixed: the same every eval, so the curves compare."""
+    images, labels = val
+    g = torch.Generator().manual_seed(0)
+    n, L = len(images), model.num_tokens
+    t, eps = torch.randint(0, T, (n,), generator=g), torch.randn((n,) + from_uint8(images[:1]).shape[1:], generator=g)
+    keep = torch.rand(n, L, generator=g).argsort(1)[:, :L - int(L * 0.75)]
+    masks = torch.ones(n, L, dtype=torch.bool).scatter_(1, keep, False)
+    was_training, sums = model.training, np.zeros(3)
+    model.eval()
+    try:
+        for i in range(0, n, batch_size):
+            x0, b = from_uint8(images[i:i + batch_size]).to(device), slice(i, i + batch_size)
+            x, t_model = scheme.noise_at(x0, t[b].to(device), eps[b].to(device), abar)
+            y = labels[b].to(device) if model.config.num_classes else None
+            x0_pred, eps_pred, _ = model(x, t_model, y)
+            rec, _, mask = model(x0, torch.zeros(len(x0), dtype=torch.long, device=device), None, mask=masks[b].to(device))
+            pix = pixel_mask(mask, x0.shape[-1])
+            sums += len(x0) * np.array([F.mse_loss(eps_pred, eps[b].to(device)).item(),
+                                        F.mse_loss(x0_pred, x0).item(), masked_mse(rec, x0, pix).item()])
+    finally:
+        model.train(was_training)
+    return dict(zip(("val_eps_mse", "val_x0_mse", "val_mae_loss"), (sums / n).tolist()))
+
+
+def fid_eval(model, cfg, abar, run, ev):
+    """FID, IS (weights with an fc layer) and precision/recall of eval_fid_samples samples per
+    guidance scale. Every rank samples and featurizes its share (per-image seeds: the same
+    images whatever the world size); rank 0 gathers the features and scores them."""
+    import fid
+    import sample
+    out, n = {}, cfg.eval_fid_samples
+    scales = cfg.eval_fid_cfg_scales if model.config.num_classes else (1.0,)
+    for scale in dict.fromkeys(float(s) for s in scales):
+        imgs, _ = sample.sample_images(model, abar, n, steps=cfg.eval_fid_steps, cfg_scale=scale, seed=0,
+                                       device=run.device, rank=run.rank, world_size=run.world,
+                                       sampler=sample.pick_sampler(cfg.loss))
+        pool, logits = fid.features(imgs, ev["inception"], verbose=False)
+        if run.world > 1:
+            pool = sample.gather_samples(pool, n, run.rank, run.world, run.device)
+            logits = None if logits is None else sample.gather_samples(logits, n, run.rank, run.world, run.device)
+        if run.master:
+            mu, sigma, ref_pool = ev["ref"]
+            tag = f"cfg{scale:g}" if model.config.num_classes else "uncond"
+            out[f"fid_{tag}"] = float(fid.frechet_distance(*fid.mean_cov(pool), mu, sigma))
+            if logits is not None and n >= 10:  # IS: 10 splits
+                out[f"is_{tag}"] = float(fid.inception_score(logits)[0])
+            if ref_pool is not None and min(len(ref_pool), n) > 3:
+                out[f"precision_{tag}"], out[f"recall_{tag}"] = map(float, fid.precision_recall(ref_pool, pool))
+    return out
+
+
+def evaluate(model, cfg, abar, pretrain_knobs, step, run, ev):
+    """The periodic eval -> dict for the log (rank 0's; {} elsewhere). FID on every rank; the
+    few-shot probe, a sample grid and the validation losses on rank 0, the others waiting."""
     import probe
     import sample
-    out = {}
-    try:
-        if cfg.eval_shots:
-            noise_t = probe.default_noise_t({"pretrain_knobs": asdict(pretrain_knobs)})
-            accs = probe.evaluate(model, cfg.data_dir, shots=(cfg.eval_shots,), seeds=(0,), noise_t=noise_t,
-                                  abar=abar, max_test=cfg.eval_max_test or None, device=device, quiet=True,
-                                  scheme=cfg.loss)
-            out.update({f"fewshot_{k}": float(v) for k, v in accs.items()})
-        if cfg.eval_samples:
-            scale = cfg.eval_cfg_scale if model.config.num_classes else 1.0
-            imgs, ys = sample.sample_images(model, abar, cfg.eval_samples, steps=cfg.eval_steps, cfg_scale=scale,
-                                            eta=1.0, seed=0, device=device, sampler=sample.pick_sampler(cfg.loss))
-            path = os.path.join(cfg.out_dir, f"samples_{step:07d}.png")
-            ncols = 8 if ys is None else max(1, min(8, -(-len(ys) // model.config.num_classes)))  # a row per class
-            out["samples"] = str(sample.save_grid(sample.grid_images(imgs, ys, ncols), path, ncols))
-    except Exception as e:  # an eval bug or a full disk must not kill a long run
-        print(f"eval failed at step {step}: {type(e).__name__}: {e}", file=sys.stderr)
-    return out
+    t0 = time.time()
+    out = fid_eval(model, cfg, abar, run, ev) if ev["inception"] is not None else {}
+    seconds = {"fid": time.time() - t0} if out else {}
+    if run.master:
+        try:
+            t0 = time.time()
+            if cfg.eval_shots:
+                noise_t = probe.default_noise_t({"pretrain_knobs": asdict(pretrain_knobs)})
+                accs = probe.evaluate(model, cfg.data_dir, shots=(cfg.eval_shots,), seeds=(0,), noise_t=noise_t,
+                                      abar=abar, max_test=cfg.eval_max_test or None, device=run.device, quiet=True,
+                                      scheme=cfg.loss)
+                out.update({f"fewshot_{k}": float(v) for k, v in accs.items()})
+                seconds["probe"], t0 = time.time() - t0, time.time()
+            if ev["val"] is not None:
+                out.update(validation_losses(model, SCHEMES[cfg.loss], ev["val"], abar, run.device))
+                seconds["val_losses"], t0 = time.time() - t0, time.time()
+            if cfg.eval_samples:
+                scale = cfg.eval_cfg_scale if model.config.num_classes else 1.0
+                imgs, ys = sample.sample_images(model, abar, cfg.eval_samples, steps=cfg.eval_steps, cfg_scale=scale,
+                                                eta=1.0, seed=0, device=run.device, sampler=sample.pick_sampler(cfg.loss))
+                path = os.path.join(cfg.out_dir, f"samples_{step:07d}.png")
+                ncols = 8 if ys is None else max(1, min(8, -(-len(ys) // model.config.num_classes)))  # row per class
+                out["samples"] = str(sample.save_grid(sample.grid_images(imgs, ys, ncols), path, ncols))
+                seconds["grid"] = time.time() - t0
+        except Exception as e:  # an eval bug or a full disk must not kill a long run
+            print(f"eval failed at step {step}: {type(e).__name__}: {e}", file=sys.stderr)
+    if run.world > 1:
+        dist.barrier()  # the others wait for rank 0 here, under the long timeout
+    return {**out, "seconds": {k: round(v, 2) for k, v in seconds.items()}} if out else out
 
 
 class NonFiniteError(RuntimeError):
@@ -588,6 +715,7 @@ def main(argv=None):
                 return peak_lr * (s + 1) / warmup
             return peak_lr * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
 
+        ev = setup_eval(cfg, run, scheme, device, log)
         get_batch = Batches(images, targets, cfg, micro_bs, device)
         next_batch = lambda micro: (get_batch(step, chunks[micro + 1]) if micro + 1 < A else
                                     get_batch(step + 1, chunks[0]) if step + 1 < total else None)
@@ -650,13 +778,10 @@ def main(argv=None):
                 sums.zero_(), counts.zero_()
                 t_last, step_last = time.time(), step
             if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == total):
-                res = evaluate(ema if ema is not None else raw, cfg, abar, pretrain_knobs, step, device) \
-                    if run.master else {}
+                res = evaluate(ema if ema is not None else raw, cfg, abar, pretrain_knobs, step, run, ev)
                 if res:
                     log(f"eval step {step}: {res}")
                     write_log({"step": step, "event": "eval", **res})
-                if run.world > 1:
-                    dist.barrier()  # the others wait for rank 0's eval here, under the long timeout
                 t_last = time.time()  # eval time is not training throughput
             if stop or (cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and step < total):
                 if run.master:
