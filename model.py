@@ -167,7 +167,7 @@ class LabelEmbedder(nn.Module):
         self.table = nn.Embedding(num_classes + 1, width)
         self.mlp = EmbedMLP(width)
         nn.init.normal_(self.table.weight, std=width ** -0.5)
-        for fc in (self.mlp.fc1, self.mlp.fc2):  # DiT's init for embedding MLPs (spec is silent)
+        for fc in (self.mlp.fc1, self.mlp.fc2):  # DiT's init for embedding MLPs (the paper is silent)
             nn.init.normal_(fc.weight, std=0.02)
             nn.init.zeros_(fc.bias)
 
@@ -213,7 +213,7 @@ class UMD(nn.Module):
             if block.adaLN_modulation is not None:
                 nn.init.zeros_(block.adaLN_modulation.weight)
                 nn.init.zeros_(block.adaLN_modulation.bias)
-        # Patch embedding like a Linear (MAE/DiT); time MLP normal(0.02) as in DiT: spec is silent.
+        # Patch embedding like a Linear (MAE/DiT); time MLP normal(0.02) as in DiT: the paper is silent.
         nn.init.xavier_uniform_(self.patch_embed.weight.view(D, -1))
         nn.init.zeros_(self.patch_embed.bias)
         for fc in (self.time_mlp.fc1, self.time_mlp.fc2):
@@ -388,6 +388,37 @@ def load_checkpoint(path, use_ema=False, device="cpu"):
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not match the model config stored with them: {e}") from None
     return model.to(device).eval(), ckpt
+
+
+def resize_pos_tables(state_dict, new_grid):
+    """Transfer across resolutions (USP, MAE's interpolate_pos_embed): the position tables pos_enc and
+    pos_dec (1, g*g, D) of state_dict resized to (1, new_grid**2, D), bicubic on their g x g grid; every
+    other weight is kept as is. -> (new state dict, {name: (g, new_grid)} of the tables resized)."""
+    out, resized = dict(state_dict), {}
+    for name in ("pos_enc", "pos_dec"):
+        table = state_dict[name]
+        g = math.isqrt(table.shape[1])
+        if table.ndim != 3 or table.shape[0] != 1 or g * g != table.shape[1]:
+            raise ValueError(f"{name} has shape {tuple(table.shape)}, not (1, g*g, D) of a square grid")
+        if g != new_grid:
+            grid = table.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+            grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+            out[name] = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).to(table.dtype)
+            resized[name] = (g, new_grid)
+    return out, resized
+
+
+def load_resized(model, state_dict):
+    """Load the weights of a model trained at another resolution (or number of tokens) into model,
+    resizing its position tables (resize_pos_tables). -> {name: (old grid, new grid)} resized."""
+    have, want = state_dict["patch_embed.weight"].shape, model.patch_embed.weight.shape  # (D, C, p, p)
+    if have != want:
+        raise ValueError(f"the weights have patch size {have[2]}, width {have[0]} and {have[1]} channels, the model "
+                         f"patch size {want[2]}, width {want[0]} and {want[1]} channels: across resolutions only the "
+                         "number of tokens may change (the position tables are resized)")
+    weights, resized = resize_pos_tables(state_dict, model.config.image_size // model.config.patch_size)
+    model.load_state_dict(weights)
+    return resized
 
 
 def from_uint8(images):

@@ -3,12 +3,21 @@ Few-shot linear probe of the encoder's `rep` (the paper's Sec. 5.1), the big_vis
 
     python probe.py --ckpt out/ckpt.pt --data data/fashion_mnist --shots 10,100
     python probe.py --ckpt out/ckpt.pt --data data/fashion_mnist --shots full --max_test 2000
+    python probe.py --ckpt out/ckpt.pt --data data/cifar100,data/dtd,data/pets --shots 1,5,10,25
 
 For each k in --shots and each seed: take k train images per class, fit a closed-form ridge
 regression from features to 2*onehot-1 targets, report top-1 accuracy on the test split (val, or
 the last 10% of train when there is no val split). The same probe also runs on a randomly
 initialised model of the same config and on raw pixels, to show what pre-training bought.
 Prints a table (mean +- std over seeds) and writes json. train.py calls `evaluate` directly.
+
+Transfer (the paper's Figure 2): --data takes a comma list of prepared data dirs (data/<name>/prepare.py
+makes cifar100, stl10, flowers102, dtd, pets, food101, stanford_dogs). One dir: a row per shots value and the
+json's "results" as always. Several: one table with a row per dataset, and the json holds
+"datasets": {name: {"data", "test", "n_pool", "n_test", "results"}} (name: the dir's base name, or the
+dir as given when two share one), "results" as for one dir. Images of another size than the model's
+go through the probe preprocessing of the issue: the shorter side resized to int(size * 256 / 246)
+(bilinear, antialiased), then the central size x size crop; the raw-pixel baseline sees the same input.
 
 The solver, exactly as big_vision: standardise with the mean/std of the train shots (std + 1e-5,
 the same stats for test), append a constant feature 100, ridge with lambda 1024 (the bias column
@@ -103,14 +112,15 @@ def fewshot_accuracy(train_x, train_y, test_x, test_y, lam=1024.0, num_classes=N
 
 # ---- features ---------------------------------------------------------------------------
 def to_model_input(images, size, channels):
-    """uint8 (N, H, W, C) -> float (N, C, size, size) in [-1, 1]; resize shorter side + centre crop."""
+    """uint8 (N, H, W, C) -> float (N, C, size, size) in [-1, 1]. Images of another size: the shorter
+    side resized to int(size * 256 / 246) (bilinear, antialiased), then the central size x size crop."""
     x = from_uint8(images)
     if x.shape[1] != channels:
         raise ValueError(f"the data has {x.shape[1]} channel(s) but the model expects {channels}")
     h, w = x.shape[2:]
     if (h, w) != (size, size):
-        s = size / min(h, w)
-        nh, nw = max(size, round(h * s)), max(size, round(w * s))
+        short = int(size * 256 / 246)
+        nh, nw = max(short, round(h * short / min(h, w))), max(short, round(w * short / min(h, w)))
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
         top, left = (nh - size) // 2, (nw - size) // 2
         x = x[:, :, top:top + size, left:left + size].clamp(-1, 1)
@@ -119,8 +129,9 @@ def to_model_input(images, size, channels):
 
 @torch.no_grad()
 def extract_features(model, images, batch_size=256, device=None, noise_t=None, abar=None,
-                     noise_seed=0, quiet=True, what="features", scheme="umd"):
+                     noise_seed=0, quiet=True, what="features", scheme="umd", to_input=None):
     """`rep` of uint8 NHWC images (an array, or anything with len and slicing) -> float32 (N, width).
+    to_input(batch) -> the model's float NCHW input (default to_model_input; latent models: latent_input).
     noise_t None: clean (t_model 0); an int t: noised as at DDPM step t by the scheme's noise_at
     (UMD: q_sample, t_model t + 1) with eps from default_rng(noise_seed), drawn image by image in
     order, so the result does not depend on batch_size."""
@@ -131,7 +142,8 @@ def extract_features(model, images, batch_size=256, device=None, noise_t=None, a
         abar = make_schedule("cosine")
     out, t0, last = [], time.time(), time.time()
     for i in range(0, len(images), batch_size):
-        x = to_model_input(images[i:i + batch_size], c.image_size, c.channels).to(device)
+        batch = images[i:i + batch_size]
+        x = (to_input(batch) if to_input else to_model_input(batch, c.image_size, c.channels)).to(device)
         t_model = torch.zeros(len(x), dtype=torch.long, device=device)
         if noise_t is not None:
             eps = torch.from_numpy(rng.standard_normal(x.shape, dtype=np.float32)).to(device)
@@ -150,6 +162,20 @@ def default_noise_t(ckpt):
     fine-tuning, whatever its recipe), else None (clean input)."""
     knobs = ckpt.get("pretrain_knobs") or ckpt.get("knobs") or {}
     return NOISE_T if knobs.get("no_noise_prob", 1) == 0 else None
+
+
+def latent_input(ckpt, meta, vae=None, device="cpu"):
+    """The to_input of a latent checkpoint on a dataset (None for a pixel checkpoint): a latent dataset gives
+    its stored posterior means, a pixel one goes through the VAE encoder (posterior mean, no sampling); times
+    the scale (data/vae.py). vae: --vae, default what the checkpoint or the data recorded."""
+    tc = ckpt.get("train_config") or {}
+    if not tc.get("latent"):
+        return None
+    from data import vae as V
+    path, scale = V.recorded(tc, meta, vae)
+    enc = None if "latent" in meta else V.load_vae(path, device)
+    scale = scale or V.describe(enc, path)["scale"]
+    return V.model_input(meta, scale, enc, ckpt["model_config"]["image_size"])
 
 
 # ---- the probe --------------------------------------------------------------------------
@@ -238,7 +264,8 @@ def run_probe(featurize, x, y, train_idx, tx, ty, test_idx, num_classes, shots, 
 
 
 def evaluate(model, data_dir, shots=(10,), seeds=(0,), noise_t=None, abar=None, pool=None,
-             max_test=None, device=None, batch_size=256, lam=1024.0, lambdas=None, quiet=True, scheme="umd"):
+             max_test=None, device=None, batch_size=256, lam=1024.0, lambdas=None, quiet=True, scheme="umd",
+             to_input=None):
     """Probe `model` on data_dir -> {shots: mean accuracy}. For train.py's periodic evaluation:
     the model is put in eval mode and its train/eval mode restored afterwards."""
     x, y, train_idx, tx, ty, test_idx, meta, _ = load_probe_data(data_dir, pool, max_test)
@@ -246,7 +273,7 @@ def evaluate(model, data_dir, shots=(10,), seeds=(0,), noise_t=None, abar=None, 
     model.eval()
     try:
         featurize = lambda im: extract_features(model, im, batch_size, device, noise_t, abar, quiet=quiet,
-                                                scheme=scheme)
+                                                scheme=scheme, to_input=to_input)
         res = run_probe(featurize, x, y, train_idx, tx, ty, test_idx, meta["num_classes"],
                         parse_shots(shots), seeds, lam, lambdas)
     finally:
@@ -267,15 +294,31 @@ def parse_shots(shots):
     return out
 
 
+def print_transfer_table(per, cols):
+    """One row per dataset: mean +- std (%) of each model at each shots value."""
+    first = next(iter(per.values()))["results"]
+    heads = [(k, m) for k in first["ckpt"] for m in first]
+    labels = [f"{cols[m]} {k}" + ("" if k == "full" else "-shot") for k, m in heads]
+    widths = [max(15, len(label)) for label in labels]
+    wd = max(7, *(len(n) for n in per))
+    print(f"{'dataset':<{wd}} | " + " | ".join(f"{label:>{w}}" for label, w in zip(labels, widths)))
+    for n, r in per.items():
+        cells = [f"{100 * r['results'][m][k]['mean']:6.2f} +- {100 * r['results'][m][k]['std']:5.2f}" for k, m in heads]
+        print(f"{n:<{wd}} | " + " | ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--data", required=True, help="prepared data dir, e.g. data/fashion_mnist")
+    p.add_argument("--data", required=True, help="prepared data dir(s), comma-separated, e.g. data/fashion_mnist "
+                                                 "or data/cifar100,data/dtd (one table row per dir)")
     p.add_argument("--shots", default="10", help="comma list of shots per class, or 'full' (e.g. 1,5,10,25,100,full)")
     p.add_argument("--seeds", default="0,1,2", help="shot-selection seeds (mean and std over them)")
     p.add_argument("--lam", type=float, default=1024.0, help="ridge lambda (big_vision: 1024)")
     p.add_argument("--lambdas", default=None, help="comma list: choose lambda on held-out train shots")
     p.add_argument("--ema", action="store_true", help="use the EMA weights")
+    p.add_argument("--vae", default=None, help="latent checkpoints: the VAE that encodes pixel --data "
+                                               "(default: the one the checkpoint or the data recorded)")
     p.add_argument("--noise_t", type=int, default=None,
                    help=f"probe on images noised at t (-1: clean); default {NOISE_T} for dit/maskdit, else clean")
     p.add_argument("--pool", type=int, default=None, help="cap the train pool (fixed random subset)")
@@ -304,42 +347,65 @@ def main(argv=None):
         warnings.warn(f"{a.ckpt} has no EMA weights; using the raw weights")
     noise_t = default_noise_t(ckpt) if a.noise_t is None else (None if a.noise_t < 0 else a.noise_t)
     abar = make_schedule((ckpt.get("train_config") or {}).get("schedule", "cosine"))
-    x, y, train_idx, tx, ty, test_idx, meta, test_name = load_probe_data(a.data, a.pool, a.max_test)
+    dirs = [d.strip() for d in a.data.split(",") if d.strip()]
+    if not dirs:
+        raise ValueError(f"--data needs a data dir (or a comma list of them), got {a.data!r}")
+    names = [os.path.basename(os.path.normpath(d)) for d in dirs]
+    names = names if len(set(names)) == len(names) else dirs
+    data = {}  # name -> (dir, load_probe_data(dir)), all loaded (and checked) before any probing
+    for n, d in zip(names, dirs):
+        data[n] = (d, load_probe_data(d, a.pool, a.max_test))
+        c = data[n][1][6]["channels"]  # meta.json's
+        if c != model.config.channels and not (ckpt.get("train_config") or {}).get("latent"):
+            raise ValueError(f"{d} holds {c}-channel images but {a.ckpt} takes {model.config.channels} channel(s)")
     name = (ckpt.get("train_config") or {}).get("preset") or "ckpt"
     log = (lambda *m: None) if a.quiet else (lambda *m: print(*m, file=sys.stderr))
     log(f"probe: {a.ckpt} (step {ckpt.get('step')}, {name}, {'EMA' if a.ema else 'raw'} weights, "
-        f"{'clean' if noise_t is None else f'noised at t={noise_t}'}) on {a.data}: pool {len(train_idx)} train, "
-        f"test {len(test_idx)} ({test_name})")
+        f"{'clean' if noise_t is None else f'noised at t={noise_t}'})")
     models = {"ckpt": model}
     if not a.no_baselines:
         torch.manual_seed(0)
         models["random_init"] = UMD(ModelConfig(**ckpt["model_config"])).to(a.device).eval()
         models["raw_pixels"] = None
-    results = {}
-    for key, m in models.items():
-        log(f"[{key}]")
-        if m is None:  # raw pixels at the model's size, in [-1, 1]
-            c = model.config
-            feat = lambda im: np.concatenate([to_model_input(im[i:i + a.batch_size], c.image_size, c.channels)
-                                              .flatten(1).numpy() for i in range(0, len(im), a.batch_size)])
-        else:
-            feat = lambda im, m=m: extract_features(m, im, a.batch_size, a.device, noise_t, abar,
-                                                    quiet=a.quiet, what=key, scheme=ckpt.get("scheme") or "umd")
-        results[key] = run_probe(feat, x, y, train_idx, tx, ty, test_idx, meta["num_classes"],
-                                 shots, seeds, a.lam, lambdas)
+    per = {}
+    for n, (d, (x, y, train_idx, tx, ty, test_idx, meta, test_name)) in data.items():
+        log(f"{d}: pool {len(train_idx)} train, test {len(test_idx)} ({test_name})")
+        results, to_input = {}, latent_input(ckpt, meta, a.vae, a.device)  # None: a pixel model
+        for key, m in models.items():
+            log(f"[{key}]")
+            if m is None:  # raw pixels at the model's size, in [-1, 1] (latent models: the latents)
+                c = model.config
+                raw = to_input or (lambda b: to_model_input(b, c.image_size, c.channels))
+                feat = lambda im: np.concatenate([raw(im[i:i + a.batch_size])
+                                                  .flatten(1).numpy() for i in range(0, len(im), a.batch_size)])
+            else:
+                feat = lambda im, m=m: extract_features(m, im, a.batch_size, a.device, noise_t, abar,
+                                                        quiet=a.quiet, what=key, scheme=ckpt.get("scheme") or "umd",
+                                                        to_input=to_input)
+            results[key] = run_probe(feat, x, y, train_idx, tx, ty, test_idx, meta["num_classes"],
+                                     shots, seeds, a.lam, lambdas)
+        per[n] = {"data": d, "test": test_name, "n_pool": len(train_idx), "n_test": len(test_idx), "results": results}
     cols = {"ckpt": name, "random_init": "random init", "raw_pixels": "raw pixels"}
-    print(f"{'shots':>6} | " + " | ".join(f"{cols[k]:>15}" for k in results))
-    for k in results["ckpt"]:
-        row = [f"{100 * results[m][k]['mean']:6.2f} +- {100 * results[m][k]['std']:5.2f}" for m in results]
-        print(f"{k:>6} | " + " | ".join(f"{r:>15}" for r in row))
+    if len(per) == 1:
+        print(f"{'shots':>6} | " + " | ".join(f"{cols[k]:>15}" for k in results))
+        for k in results["ckpt"]:
+            row = [f"{100 * results[m][k]['mean']:6.2f} +- {100 * results[m][k]['std']:5.2f}" for m in results]
+            print(f"{k:>6} | " + " | ".join(f"{r:>15}" for r in row))
+    else:
+        print_transfer_table(per, cols)
     if lambdas:
-        for m, res in results.items():
-            print(f"lambda chosen ({cols[m]}, per seed): " + ", ".join(f"{k} shots {r['lambdas']}" for k, r in res.items()))
+        for n, r in per.items():
+            for m, res in r["results"].items():
+                print(f"lambda chosen ({n}, {cols[m]}, per seed): "
+                      + ", ".join(f"{k} shots {v['lambdas']}" for k, v in res.items()))
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), "probe.json")
-    report = {"ckpt": a.ckpt, "step": ckpt.get("step"), "preset": name, "data": a.data, "ema": a.ema,
-              "noise_t": noise_t, "lam": a.lam, "lambdas": lambdas, "seeds": seeds, "test": test_name,
-              "n_pool": len(train_idx), "n_test": len(test_idx), "results": results,
-              "seconds": round(time.time() - t0, 1)}
+    report = {"ckpt": a.ckpt, "step": ckpt.get("step"), "preset": name, "data": a.data if len(per) == 1 else dirs,
+              "ema": a.ema, "noise_t": noise_t, "lam": a.lam, "lambdas": lambdas, "seeds": seeds}
+    if len(per) == 1:  # the format of a one-dataset probe, as before transfer
+        report.update({k: v for k, v in per[names[0]].items() if k != "data"})
+    else:
+        report["datasets"] = per
+    report["seconds"] = round(time.time() - t0, 1)
     atomic_write(out, lambda f: f.write(json.dumps(report, indent=1).encode()))
     log(f"wrote {out} ({report['seconds']} s)")
     return report

@@ -16,6 +16,10 @@ the x0 head), clipped to [-1, 1] for pixels (never for latents) and eps recomput
 and one last call at t = 0 whose x0_hat is the sample. Image i draws all its noise from its
 own generator seeded from (seed, i), so it is the same whatever the batch size or world size.
 
+Latent checkpoints (train_config latent=True) sample latents and decode them with the VAE of their data
+(data/vae.py; --vae PATH, default the one the checkpoint recorded) into the uint8 npz; --raw_latents keeps
+the float32 latents instead. Their reconstruction pictures show both rows decoded.
+
 Flow checkpoints (ckpt["scheme"] == "flow", corrupt.flow_loss) get flow_sample instead: Heun (the
 default), Euler or SiT's SDE from s = 1 to 0 (--sampler; DDIM fits only UMD checkpoints).
 """
@@ -293,7 +297,8 @@ def grid_images(images, labels=None, ncols=8, max_rows=10):
 def reconstruct(model, images, mask_ratio=0.75, seed=0):
     """Clean branch (t_model 0, null label) on uint8 NHWC images with a seeded random mask.
     -> (masked input with masked patches grey, reconstruction with the visible patches pasted
-    back from the original as MAE shows it; the raw output when mask_ratio is 0), uint8 NHWC."""
+    back from the original as MAE shows it; the raw output when mask_ratio is 0), uint8 NHWC.
+    Float NHWC latents in give float latents out (masked patches 0)."""
     if not 0 <= mask_ratio < 1:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     c, L = model.config, model.num_tokens
@@ -301,7 +306,8 @@ def reconstruct(model, images, mask_ratio=0.75, seed=0):
     if images.shape[1:] != (c.image_size, c.image_size, c.channels):
         raise ValueError(f"the model takes {c.image_size}x{c.image_size}x{c.channels} images, got {images.shape[1:]}")
     device = next(model.parameters()).device
-    x = from_uint8(images).to(device)
+    latent = images.dtype != np.uint8
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() if latent else from_uint8(images)).to(device)
     keep = int(L * (1 - mask_ratio))
     if keep < 1:
         raise ValueError(f"mask_ratio {mask_ratio} keeps no patch of {L}")
@@ -312,13 +318,17 @@ def reconstruct(model, images, mask_ratio=0.75, seed=0):
     pix = pixel_mask(mask.to(device).float(), c.image_size).bool()
     masked = torch.where(pix, torch.zeros_like(x), x)
     recon = torch.where(pix, pred.float(), x) if keep < L else pred.float()
+    if latent:
+        return masked.permute(0, 2, 3, 1).cpu().numpy(), recon.permute(0, 2, 3, 1).cpu().numpy()
     return to_uint8(masked), to_uint8(recon)
 
 
-def save_reconstructions(model, images, path, mask_ratio=0.75, seed=0):
-    """PNG with one row per image: original | masked input | reconstruction."""
-    masked, recon = reconstruct(model, images, mask_ratio, seed)
-    rows = np.stack([np.asarray(images), masked, recon], axis=1).reshape(-1, *masked.shape[1:])
+def save_reconstructions(model, images, path, mask_ratio=0.75, seed=0, decode=None):
+    """PNG with one row per image: original | masked input | reconstruction (each through decode, for
+    latents: latents -> uint8 images)."""
+    columns = [np.asarray(images), *reconstruct(model, images, mask_ratio, seed)]
+    columns = [decode(c) for c in columns] if decode else columns
+    rows = np.stack(columns, axis=1).reshape(-1, *columns[0].shape[1:])
     return save_grid(rows, path, ncols=3)
 
 
@@ -344,6 +354,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, else fp32")
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--vae", default=None, help="latent checkpoints: the VAE that decodes (default: the one the "
+                                               "checkpoint recorded, else its data's meta.json)")
+    p.add_argument("--raw_latents", action="store_true", help="latent checkpoints: keep the float32 latents "
+                                                              "(at the training scale) in the npz, no decoding")
     p.add_argument("--recon", default=None, help="write a reconstruction PNG here instead of sampling")
     p.add_argument("--data", default=None, help="data dir with meta.json for --recon")
     p.add_argument("--split", default="train")
@@ -373,6 +387,20 @@ def check_args(args):
     ddim_timesteps(args.steps) if args.sampler == "ddim" else check_flow("heun", args.steps)  # DDIM's: once known
 
 
+def latent_vae(args, tc, device, meta=None):
+    """(VAE, scale) of a latent checkpoint: --vae, else the one its train_config recorded, else its data's."""
+    from data import vae as V
+    from data.common import load_meta
+    if meta is None:
+        try:
+            meta = load_meta(tc.get("data_dir") or "")
+        except (OSError, ValueError):  # the data need not be on the sampling machine
+            meta = None
+    path, scale = V.recorded(tc, meta, args.vae)
+    vae = V.load_vae(path, device)
+    return vae, scale or V.describe(vae, path)["scale"]
+
+
 def run(args, run_, log):
     """Sample (or write reconstructions) as args say, on the processes of run_ (train.Launch)."""
     rank, world_size, device = run_.rank, run_.world, torch.device(run_.device)
@@ -382,18 +410,25 @@ def run(args, run_, log):
     ema = ckpt.get("ema") is not None and not args.no_ema
     log(f"{args.ckpt}: step {ckpt.get('step')}, {'EMA' if ema else 'raw'} weights, {schedule} schedule, "
         f"{'latents' if latent else 'pixels'}, {model.config.num_classes or 'no'} classes")
+    if args.raw_latents and not latent:
+        raise ValueError("--raw_latents is for latent checkpoints; this one works on pixels")
     if args.recon:
-        if latent:
-            raise ValueError("reconstruction pictures need a pixel model; this checkpoint works on VAE latents")
         if not args.data:
             raise ValueError("--recon needs --data DIR (a prepared data dir with meta.json)")
         check_output(args.recon)
         if rank == 0:
             from data.common import load_split  # lazy: sampling needs no data
-            images = load_split(args.data, args.split)[0]
+            images, _, meta = load_split(args.data, args.split)
             pick = np.sort(np.random.default_rng(args.seed).choice(len(images), min(args.num_recon, len(images)), replace=False))
-            save_reconstructions(model, images[pick], args.recon, args.mask_ratio, args.seed)
-            log(f"wrote {args.recon}: original | masked ({args.mask_ratio:g}) | reconstruction, {len(pick)} rows")
+            if latent:  # encoded (pixel data) or stored (latent data) posterior means; every column decoded
+                from data.vae import decode, model_input
+                vae, scale = latent_vae(args, tc, device, meta)
+                z = model_input(meta, scale, vae, model.config.image_size)(images[pick]).permute(0, 2, 3, 1).numpy()
+                save_reconstructions(model, z, args.recon, args.mask_ratio, args.seed, lambda l: decode(vae, l, scale))
+            else:
+                save_reconstructions(model, images[pick], args.recon, args.mask_ratio, args.seed)
+            log(f"wrote {args.recon}: original | masked ({args.mask_ratio:g}) | reconstruction, {len(pick)} rows"
+                + (", each decoded by the VAE" if latent else ""))
         return
     try:
         labels = None if args.labels is None else [int(s) for s in args.labels.split(",") if s.strip()]
@@ -405,20 +440,27 @@ def run(args, run_, log):
     out = Path(args.out or Path(args.ckpt).parent / f"samples_{args.num_samples}_{cond}_steps{args.steps}{tag}.npz")
     check_output(out)
     dtype = {"bf16": torch.bfloat16, "fp32": None}.get(args.dtype, torch.bfloat16 if device.type == "cuda" else None)
+    decode = latent and not args.raw_latents
+    if decode:  # loaded before sampling: a missing VAE fails now, not after hours
+        from data.vae import decode as vae_decode
+        vae, scale = latent_vae(args, tc, device)
     samples, y = sample_images(model, make_schedule(schedule), args.num_samples, args.steps, args.cfg_scale,
                                args.eta, args.seed, labels, args.uncond, args.batch_size, device,
                                clip=not latent, eps_from=args.eps_from, autocast_dtype=dtype,
                                rank=rank, world_size=world_size, progress=not args.quiet and rank == 0,
                                sampler=sampler)
+    if decode:
+        samples = vae_decode(vae, samples, scale, args.batch_size)
+        log(f"decoded {len(samples)} latents with the VAE (scale {scale:g})")
     if world_size > 1:
         samples = gather_samples(samples, args.num_samples, rank, world_size, device)
         y = None if y is None else make_labels(args.num_samples, model.config.num_classes, labels)
     if rank != 0:
         return
     atomic_write(out, lambda f: np.savez(f, arr_0=samples, **({} if y is None else {"arr_1": y})))
-    if latent:
+    if latent and args.raw_latents:
         log(f"wrote {out}: arr_0 holds RAW LATENTS float32 {samples.shape} (N, H, W, C) at the training scale; "
-            "decode them with the VAE before fid.py (no PNG grid)")
+            "sample without --raw_latents to get decoded images for fid.py (no PNG grid)")
         return
     log(f"wrote {out}: arr_0 uint8 {samples.shape}" + ("" if y is None else ", arr_1 labels")
         + (f"; {args.steps} DDIM steps, eta {args.eta:g}" if sampler == "ddim" else f"; {args.steps} {sampler} steps")

@@ -13,7 +13,10 @@ The executable spec of umd, in the order of the method. Run: python -m pytest -q
                                               loss, gradients, guidance, DDP train -> sample/probe/fine-tune
     few-shot probe                          probe: solver vs direct ridge, shots, features, CLI
     FID, IS, precision/recall               FID: layout, real weights, closed forms, TF1 resize, CLI
-    dataset format, prepare scripts         data: format, each prepare script on files in its real format
+    latent models (VAE latents)             latent: encode -> train -> sample -> decode with a tiny VAE, the
+                                              format's checks, position tables resized 16 -> 32 px
+    dataset format, prepare scripts         data: format, each prepare script on files in its real format,
+                                              the transfer datasets, their checked downloads, the transfer table
     faults and bad input                    reliability: kills, locks, full disks, bad arguments
 
 Expected values are computed by hand in the test (closed forms, plain loops) or are the
@@ -37,11 +40,13 @@ import tarfile
 import time
 import types
 import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.io
 import scipy.linalg
 import scipy.ndimage
 import torch
@@ -54,8 +59,11 @@ import sample as S
 import train
 from corrupt import (SCHEMES, FlowKnobs, Knobs, Scheme, T, clean_count, flow_loss, flow_t_model, make_schedule,
                      pixel_mask, preset, q_sample, umd_flops_per_image, umd_loss)
-from data.common import atomic_write, check_geometry, dataset_writer, file_digest, load_split, write_meta, write_split
-from model import UMD, Block, ModelConfig, load_checkpoint, random_masking, timestep_embedding
+from data.common import (DATA_ROOT, atomic_write, check_geometry, dataset_writer, file_digest, load_split,
+                         prepare_hint, write_meta, write_split)
+from data.vae import posterior_mean, sample_posterior
+from model import (UMD, Block, ModelConfig, from_uint8, load_checkpoint, load_resized, random_masking,
+                   resize_pos_tables, timestep_embedding)
 
 
 # ========================================================================================
@@ -835,7 +843,7 @@ def test_config_errors(toy_data, tmp_path):
     with pytest.raises(ValueError, match=r"'dtype' must be one of \['bf16', 'fp32'\], got 'fp16'"):
         train.check_config(train.parse_config(["--dtype=fp16"]))
     with pytest.raises(ValueError, match="latent=True"):
-        train.check_config(train.parse_config(["--latent=True"]))
+        train.check_config(train.parse_config(["--latent=True", "--schedule=cosine"]))
     import bench
     assert train.parse_config(["--presets=umd,dit"], bench.BenchConfig).presets == "umd,dit"
     help_text = run_script(["--help"]).stdout
@@ -1000,7 +1008,7 @@ def test_unconditional_grayscale_and_latent(tmp_path, capsys):
     assert list(d) == ["arr_0"] and d["arr_0"].shape == (3, 8, 8, 1)
     assert Image.open(tmp_path / "u.png").mode == "L"
     lat = write_ckpt(tmp_path / "lat.pt", micro(8, channels=4, perturb=0.05).eval(), latent=True, schedule="linear")
-    S.main(["--ckpt", lat, "--num_samples", "2", "--steps", "2", "--out", str(tmp_path / "lat.npz")])
+    S.main(["--ckpt", lat, "--num_samples", "2", "--steps", "2", "--out", str(tmp_path / "lat.npz"), "--raw_latents"])
     z = np.load(tmp_path / "lat.npz")["arr_0"]
     assert z.dtype == np.float32 and z.shape == (2, 8, 8, 4) and not (tmp_path / "lat.png").exists()
     assert "RAW LATENTS" in capsys.readouterr().err
@@ -2129,6 +2137,504 @@ def test_split_writer(tmp_path):
     with SplitWriter(tmp_path, "val", (2, 4, 4, 3)):
         pass  # left without close(): nothing is written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "train.npy", "train_labels.npy"]
+
+
+# ---- transfer datasets (the paper's Figure 2): tiny files in the real formats ----------------
+def jpeg(colour, w=40, h=30):
+    """A JPEG of one colour, w x h."""
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), tuple(colour)).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def colour(i):
+    return (20 * i + 10, 250 - 20 * i, 120)
+
+
+def write_tar(path, files, mode="w:gz"):
+    """A tar archive holding files {arcname: bytes}."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, mode) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def mat(**variables):
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, variables)
+    return buf.getvalue()
+
+
+def assert_colours(x, ids):
+    """Image j of x is (within JPEG error) the solid colour(ids[j])."""
+    assert len(x) == len(ids)
+    for img, i in zip(x, ids):
+        np.testing.assert_allclose(img.reshape(-1, 3).mean(0), colour(i), atol=4)
+
+
+def prepare(name, *args):
+    script(name).main([*map(str, args), "--workers", "1"])
+
+
+def test_cifar100(tmp_path):
+    rng = np.random.default_rng(0)
+    data = {s: rng.integers(0, 256, (n, 3072), dtype=np.uint8) for s, n in (("train", 5), ("test", 3))}
+    data["train"][0, [1 * 32 + 2, 1024 + 1 * 32 + 2, 2048 + 1 * 32 + 2]] = [10, 20, 30]  # R, G, B at (1, 2)
+    labels = {"train": [0, 99, 5, 5, 1], "test": [99, 0, 3]}
+    names = [f"class{i}".encode() for i in range(100)]
+    files = {f"cifar-100-python/{s}": pickle.dumps({b"data": data[s], b"fine_labels": labels[s],
+                                                    b"coarse_labels": [0] * len(labels[s])}, protocol=2) for s in data}
+    files["cifar-100-python/meta"] = pickle.dumps({b"fine_label_names": names, b"coarse_label_names": []}, protocol=2)
+    archive = write_tar(tmp_path / "cifar-100-python.tar.gz", files)
+    for name, b in files.items():
+        (tmp_path / "x" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "x" / name).write_bytes(b)
+    for src in (archive, tmp_path / "x", tmp_path / "x" / "cifar-100-python"):
+        prepare("cifar100", "--src", src, "--out", tmp_path / "out")
+        (x, y, meta), (xv, yv, _) = load_split(tmp_path / "out", "train"), load_split(tmp_path / "out", "val")
+        assert x.shape == (5, 32, 32, 3) and xv.shape == (3, 32, 32, 3) and tuple(x[0, 1, 2]) == (10, 20, 30)
+        assert y.tolist() == labels["train"] and yv.tolist() == labels["test"]
+        assert meta["num_classes"] == 100 and meta["classes"][99] == "class99"
+        assert meta["splits"] == {"train": 5, "val": 3}
+    prepare("cifar100", "--src", archive, "--out", tmp_path / "out16", "--size", "16")
+    assert load_split(tmp_path / "out16", "val")[0].shape == (3, 16, 16, 3)
+
+
+def test_stl10(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (3, 3 * 96 * 96), dtype=np.uint8)
+    x[0, [c * 9216 + 2 * 96 + 1 for c in range(3)]] = [10, 20, 30]  # column-major: row 1, column 2 of image 0
+    files = {"stl10_binary/train_X.bin": x.tobytes(), "stl10_binary/train_y.bin": bytes([1, 10, 3]),
+             "stl10_binary/test_X.bin": x[:2].tobytes(), "stl10_binary/test_y.bin": bytes([2, 2]),
+             "stl10_binary/unlabeled_X.bin": b"not used",
+             "stl10_binary/class_names.txt": b"airplane\nbird\ncar\ncat\ndeer\ndog\nhorse\nmonkey\nship\ntruck\n"}
+    archive = write_tar(tmp_path / "stl10_binary.tar.gz", files)
+    prepare("stl10", "--src", archive, "--out", tmp_path / "out", "--size", "96")
+    (x96, y, meta), (_, yv, _) = load_split(tmp_path / "out", "train"), load_split(tmp_path / "out", "val")
+    assert x96.shape == (3, 96, 96, 3) and tuple(x96[0, 1, 2]) == (10, 20, 30)
+    assert y.tolist() == [0, 9, 2] and yv.tolist() == [1, 1] and meta["classes"][7] == "monkey"
+    prepare("stl10", "--src", archive, "--out", tmp_path / "out64")  # default size 64
+    assert load_split(tmp_path / "out64", "train")[0].shape == (3, 64, 64, 3)
+    write_tar(archive, {**files, "stl10_binary/test_y.bin": bytes([2, 11])})
+    with pytest.raises(ValueError, match=r"test_y.bin 2 labels in \[2, 11\]; expected .* in \[1, 10\]"):
+        prepare("stl10", "--src", archive, "--out", tmp_path / "out")
+
+
+def test_flowers102(tmp_path):
+    """The three official files in one folder, the images as the archive or extracted; train = trnid + valid."""
+    jpgs = {f"jpg/image_{i:05d}.jpg": jpeg(colour(i), 40 + i, 30) for i in range(1, 7)}
+    labels = np.array([1, 2, 1, 2, 102, 3])
+    write_tar(tmp_path / "a" / "102flowers.tgz", jpgs)
+    for name, data in jpgs.items():
+        (tmp_path / "b" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "b" / name).write_bytes(data)
+    for d in ("a", "b"):
+        (tmp_path / d / "imagelabels.mat").write_bytes(mat(labels=labels))
+        (tmp_path / d / "setid.mat").write_bytes(mat(trnid=np.array([2, 1]), valid=np.array([4]),
+                                                     tstid=np.array([3, 5, 6])))
+    for d in ("a", "b"):
+        prepare("flowers102", "--src", tmp_path / d, "--out", tmp_path / "out", "--size", "16")
+        (x, y, meta), (xv, yv, _) = load_split(tmp_path / "out", "train"), load_split(tmp_path / "out", "val")
+        assert x.shape == (3, 16, 16, 3) and xv.shape == (3, 16, 16, 3) and meta["num_classes"] == 102
+        assert y.tolist() == [1, 0, 1] and yv.tolist() == [0, 101, 2]
+        assert_colours(x, [2, 1, 4])
+        assert_colours(xv, [3, 5, 6])
+    (tmp_path / "a" / "setid.mat").write_bytes(mat(trnid=np.array([2, 9]), valid=np.array([4]), tstid=np.array([3])))
+    with pytest.raises(ValueError, match=r"setid.mat has image ids outside 1..6"):
+        prepare("flowers102", "--src", tmp_path / "a", "--out", tmp_path / "out")
+    (tmp_path / "a" / "setid.mat").write_bytes(mat(trnid=np.array([2]), tstid=np.array([3])))
+    with pytest.raises(ValueError, match=r"setid.mat lacks valid"):
+        prepare("flowers102", "--src", tmp_path / "a", "--out", tmp_path / "out")
+
+
+def dtd_files():
+    classes = ["zigzag", "banded", "dotted"]
+    files = {f"dtd/images/{c}/{c}_{k}.jpg": jpeg(colour(3 * i + k)) for i, c in enumerate(classes) for k in range(2)}
+    files["dtd/images/banded/.directory"] = b"hidden: skipped"
+    files["dtd/labels/train1.txt"] = b"zigzag/zigzag_0.jpg\nbanded/banded_0.jpg\ndotted/dotted_0.jpg\n"
+    files["dtd/labels/val1.txt"] = b"banded/banded_1.jpg\n"
+    files["dtd/labels/test1.txt"] = b"dotted/dotted_1.jpg\nzigzag/zigzag_1.jpg\n"
+    files["dtd/labels/train2.txt"] = b"banded/banded_1.jpg\n"
+    return files
+
+
+def test_dtd(tmp_path):
+    archive = write_tar(tmp_path / "dtd-r1.0.1.tar.gz", dtd_files())
+    prepare("dtd", "--src", archive, "--out", tmp_path / "out")
+    (x, y, meta), (xv, yv, _) = load_split(tmp_path / "out", "train"), load_split(tmp_path / "out", "val")
+    assert x.shape == (4, 64, 64, 3) and xv.shape == (2, 64, 64, 3)
+    assert meta["classes"] == ["banded", "dotted", "zigzag"] and meta["splits"] == {"train": 4, "val": 2}
+    assert y.tolist() == [2, 0, 1, 0] and yv.tolist() == [1, 2]  # train1 + val1 in order; test1
+    assert_colours(x, [0, 3, 6, 4])  # colour(3 * class folder index + k) of <class>_<k>.jpg
+    assert_colours(xv, [7, 1])
+    with pytest.raises(FileNotFoundError, match="holds no val2.txt"):
+        prepare("dtd", "--src", archive, "--out", tmp_path / "out", "--partition", "2")
+    archive.write_bytes(archive.read_bytes()[:200])  # truncated
+    with pytest.raises(ValueError, match=f"cannot read the archive {archive}"):
+        prepare("dtd", "--src", archive, "--out", tmp_path / "out")
+    assert load_split(tmp_path / "out", "train")[0].shape == (4, 64, 64, 3)  # the old dataset is kept
+
+
+def test_pets(tmp_path):
+    """images.tar.gz + annotations.tar.gz in a folder; unlisted (even unreadable) files are not used."""
+    ids = ["Abyssinian_1", "Abyssinian_2", "beagle_1", "beagle_2", "Bombay_1"]
+    images = {f"images/{n}.jpg": jpeg(colour(i), 30, 50) for i, n in enumerate(ids)}
+    write_tar(tmp_path / "src" / "images.tar.gz",
+              {**images, "images/broken_1.jpg": b"not a jpeg", "images/Abyssinian_1.mat": b"x"})
+    ann = {"annotations/trainval.txt": b"# comment\nAbyssinian_1 1 1 1\nbeagle_1 2 2 1\nBombay_1 3 1 2\n",
+           "annotations/test.txt": b"beagle_2 2 2 1\nAbyssinian_2 1 1 1\n", "annotations/trimaps/beagle_1.png": b"x"}
+    write_tar(tmp_path / "src" / "annotations.tar.gz", ann)
+    prepare("pets", "--src", tmp_path / "src", "--out", tmp_path / "out", "--size", "24")
+    (x, y, meta), (xv, yv, _) = load_split(tmp_path / "out", "train"), load_split(tmp_path / "out", "val")
+    assert x.shape == (3, 24, 24, 3) and y.tolist() == [0, 1, 2] and yv.tolist() == [1, 0]
+    assert meta["num_classes"] == 37 and meta["classes"][:3] == ["Abyssinian", "beagle", "Bombay"]
+    assert meta["classes"][36] == "class 37"
+    assert_colours(x, [0, 2, 4])
+    assert_colours(xv, [3, 1])
+    write_tar(tmp_path / "src" / "annotations.tar.gz", {**ann, "annotations/test.txt": b"broken_1 2 2 1\n"})
+    with pytest.raises(ValueError, match=r"1 image\(s\) of the val list cannot be read, e.g. cannot decode .*broken_1"):
+        prepare("pets", "--src", tmp_path / "src", "--out", tmp_path / "out")
+    write_tar(tmp_path / "src" / "annotations.tar.gz", {**ann, "annotations/test.txt": b"beagle_2 38 2 1\n"})
+    with pytest.raises(ValueError, match=r"test.txt should have lines .* got 'beagle_2 38 2 1'"):
+        prepare("pets", "--src", tmp_path / "src", "--out", tmp_path / "out")
+
+
+def test_food101(tmp_path):
+    files = {f"food-101/images/{c}/{k}.jpg": jpeg(colour(3 * i + k), 50, 40)
+             for i, c in enumerate(["apple_pie", "ramen"]) for k in range(3)}
+    meta_files = {"food-101/meta/classes.txt": b"apple_pie\nramen\n",
+                  "food-101/meta/train.txt": b"apple_pie/0\napple_pie/1\nramen/0\nramen/2\n",
+                  "food-101/meta/test.txt": b"ramen/1\napple_pie/2\n"}
+    archive = write_tar(tmp_path / "food-101.tar.gz", {**files, **meta_files, "food-101/._junk.jpg": b"x"})
+    prepare("food101", "--src", archive, "--out", tmp_path / "out")
+    (x, y, meta), (xv, yv, _) = load_split(tmp_path / "out", "train"), load_split(tmp_path / "out", "val")
+    script("food101").main(["--src", str(archive), "--out", str(tmp_path / "out2"), "--workers", "2"])
+    assert (load_split(tmp_path / "out2", "train")[0] == x).all()  # decoding processes change nothing
+    assert x.shape == (4, 64, 64, 3) and y.tolist() == [0, 0, 1, 1] and yv.tolist() == [1, 0]
+    assert meta["classes"] == ["apple_pie", "ramen"]
+    assert_colours(x, [0, 1, 3, 5])
+    assert_colours(xv, [4, 2])
+    write_tar(archive, {**files, **meta_files, "food-101/meta/test.txt": b"ramen/7\n"})
+    with pytest.raises(FileNotFoundError, match=r"1 image\(s\) of the test.txt list are missing, e.g. ramen/7"):
+        prepare("food101", "--src", archive, "--out", tmp_path / "out")
+
+
+def test_stanford_dogs(tmp_path):
+    folders = ["n02085620-Chihuahua", "n02085782-Japanese_spaniel"]
+    names = [f"{f}/{f.split('-')[0]}_{k}.jpg" for f in folders for k in range(2)]
+    write_tar(tmp_path / "src" / "images.tar", {f"Images/{n}": jpeg(colour(i)) for i, n in enumerate(names)}, "w")
+    train, test = [names[3], names[0]], [names[1], names[2]]
+    write_tar(tmp_path / "src" / "lists.tar", {
+        "train_list.mat": mat(file_list=np.array(train, dtype=object), labels=np.array([2, 1])),
+        "test_list.mat": mat(file_list=np.array(test, dtype=object), labels=np.array([1, 2]))}, "w")
+    prepare("stanford_dogs", "--src", tmp_path / "src", "--out", tmp_path / "out", "--size", "8")
+    (x, y, meta), (xv, yv, _) = load_split(tmp_path / "out", "train"), load_split(tmp_path / "out", "val")
+    assert x.shape == (2, 8, 8, 3) and y.tolist() == [1, 0] and yv.tolist() == [0, 1]
+    assert meta["classes"] == ["Chihuahua", "Japanese_spaniel"]
+    assert_colours(x, [3, 0])
+    assert_colours(xv, [1, 2])
+
+
+# ---- downloads -------------------------------------------------------------------------------
+TRANSFER = ["cifar100", "stl10", "flowers102", "dtd", "pets", "food101", "stanford_dogs"]
+
+
+def serve(monkeypatch, data, length=None):
+    """urlopen, as data.common.download calls it, answers every URL with data (and a Content-Length)."""
+    class Response(io.BytesIO):
+        headers = {"Content-Length": str(len(data) if length is None else length)}
+    urls = []
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: urls.append(url) or Response(data))
+    return urls
+
+
+@pytest.mark.parametrize("name", TRANSFER)
+def test_a_wrong_checksum_download_is_an_error_naming_the_file_and_url(tmp_path, monkeypatch, name):
+    mod = script(name)
+    fname, (url, algo, _) = next(iter(mod.FILES.items()))
+    assert url.startswith("http") and fname in url and algo in ("md5", "sha256")
+    assert prepare_hint(DATA_ROOT / name) == f"python data/{name}/prepare.py"
+    serve(monkeypatch, b"not the archive")
+    with pytest.raises(OSError) as e:
+        prepare(name, "--out", tmp_path / "out")
+    assert f"download of {url} to {tmp_path / 'out' / 'raw' / fname} failed: checksum mismatch ({algo}" in str(e.value)
+    assert list((tmp_path / "out" / "raw").iterdir()) == []  # nothing half-downloaded is left
+
+
+def test_download_checked_then_cached(tmp_path, monkeypatch):
+    dtd = script("dtd")
+    archive = write_tar(tmp_path / "dtd-r1.0.1.tar.gz", dtd_files()).read_bytes()
+    monkeypatch.setattr(dtd, "FILES", {"dtd-r1.0.1.tar.gz": (dtd.URL, "md5", hashlib.md5(archive).hexdigest())})
+    serve(monkeypatch, archive[:-10], length=len(archive))  # the connection drops before the end
+    with pytest.raises(OSError, match=f"download of {dtd.URL} to .*dtd-r1.0.1.tar.gz failed: truncated"):
+        dtd.main(["--out", str(tmp_path / "out"), "--workers", "1"])
+    urls = serve(monkeypatch, archive)
+    dtd.main(["--out", str(tmp_path / "out"), "--workers", "1"])
+    dtd.main(["--out", str(tmp_path / "out"), "--workers", "1"])  # the second run reads <out>/raw/
+    assert urls == [dtd.URL] and (tmp_path / "out" / "raw" / "dtd-r1.0.1.tar.gz").read_bytes() == archive
+    assert load_split(tmp_path / "out", "val")[0].shape == (2, 64, 64, 3)
+
+
+# ---- the probe's transfer table --------------------------------------------------------------
+def test_images_of_another_size_get_the_probe_preprocessing():
+    """Shorter side to int(size * 256 / 246), bilinear antialiased, then the central crop."""
+    x = np.random.default_rng(0).integers(0, 256, (2, 40, 60, 1), dtype=np.uint8)
+    short = int(64 * 256 / 246)
+    assert short == 66
+    big = F.interpolate(from_uint8(x), size=(66, 99), mode="bilinear", antialias=True, align_corners=False)
+    torch.testing.assert_close(probe.to_model_input(x, 64, 1), big[:, :, 1:65, 17:81].clamp(-1, 1))
+    same = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 1), dtype=np.uint8)
+    torch.testing.assert_close(probe.to_model_input(same, 64, 1), from_uint8(same))  # the model's size: as is
+
+
+@pytest.mark.filterwarnings("ignore:the features are the same")  # random init: AdaLN-Zero, at chance
+def test_transfer_table_has_a_row_per_dataset(tmp_path, capsys):
+    d1 = make_data(tmp_path / "d1", n=48, size=16, classes=3, n_val=24)
+    d2 = make_data(tmp_path / "d2", n=48, size=20, classes=4, n_val=24)  # another size than the model's
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", micro(perturb=0.05))
+    rep = probe.main(["--ckpt", ckpt, "--data", f"{d1},{d2}", "--shots", "2,4", "--seeds", "0,1", "--quiet"])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and out[0].startswith("dataset") and "raw pixels 4-shot" in out[0]
+    assert out[1].startswith("d1 ") and out[2].startswith("d2 ") and out[1].count("+-") == 6
+    assert set(rep["datasets"]) == {"d1", "d2"} and rep["data"] == [d1, d2] and "results" not in rep
+    for name, r in rep["datasets"].items():
+        assert set(r["results"]) == {"ckpt", "random_init", "raw_pixels"} and r["n_test"] == 24 and r["test"] == "val"
+        assert len(r["results"]["ckpt"]["2"]["accs"]) == 2 and 0 <= r["results"]["ckpt"]["4"]["mean"] <= 1
+    assert json.load(open(tmp_path / "probe.json"))["datasets"]["d2"]["data"] == d2
+    # one dir: the one-dataset format, and the same numbers as its row
+    one = probe.main(["--ckpt", ckpt, "--data", d1, "--shots", "2,4", "--seeds", "0,1", "--quiet",
+                      "--out", str(tmp_path / "one.json")])
+    assert "datasets" not in one and one["data"] == d1 and one["n_test"] == 24
+    assert one["results"]["ckpt"]["2"]["accs"] == rep["datasets"]["d1"]["results"]["ckpt"]["2"]["accs"]
+    assert capsys.readouterr().out.splitlines()[0].startswith(" shots |")
+    # two dirs with one base name are named by their paths; a dataset the model cannot take stops before probing
+    d3 = make_data(tmp_path / "other" / "d1", n=48, size=16, classes=3, n_val=24)
+    rep = probe.main(["--ckpt", ckpt, "--data", f"{d1},{d3}", "--no_baselines", "--seeds", "0", "--shots", "2",
+                      "--quiet", "--out", str(tmp_path / "p.json")])
+    assert set(rep["datasets"]) == {d1, d3}
+    rgb = make_data(tmp_path / "rgb", n=48, size=16, channels=3, classes=3, n_val=24)
+    with pytest.raises(ValueError, match=f"{rgb} holds 3-channel images but .*ckpt.pt takes 1 channel"):
+        probe.main(["--ckpt", ckpt, "--data", f"{d1},{rgb}", "--quiet"])
+
+
+# ========================================================================================
+# latent models: the VAE, latent datasets, transfer across resolutions (data/vae.py, data/latent)
+# ========================================================================================
+LATENT = dict(model="micro/1", batch_size=8, max_steps=3)  # 4x4x4 latents: one token per latent pixel
+needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None and not os.environ.get("CI"),
+                                     reason="diffusers is not installed (pip install diffusers)")
+
+
+latent_prepare = script("latent")  # data/latent/prepare.py as a module
+
+
+def latent_data(out, n=16, h=4, scale=0.5, std=0.1):
+    """A latent dataset written by hand: mean of image i = i, of its flip copy = -i; std everywhere `std`."""
+    rows = np.empty((n, 2, 2, h, h, 4), np.float16)
+    rows[:, 0, 0] = np.arange(n)[:, None, None, None]
+    rows[:, 1, 0] = -np.arange(n)[:, None, None, None]
+    rows[:, :, 1] = std
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "train.npy", rows)
+    np.save(out / "train_labels.npy", np.arange(n, dtype=np.int64) % 2)
+    write_meta(out, "toy_latent", ["a", "b"], h, 4, {"train": n},
+               latent={"vae": "none", "scale": scale, "channels": 4, "downsample": 8})
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """A random AutoencoderKL with 8x down-sampling and 4 latent channels, saved like a diffusers download."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        sample_size=32)
+    path = tmp_path_factory.mktemp("vae") / "sd-vae-tiny"
+    vae.save_pretrained(path)
+    return str(path)
+
+
+# ---- transfer across resolutions -------------------------------------------------------------
+def test_pos_table_resize_keeps_a_ramp_and_is_identity_at_the_same_size():
+    g, n = 8, 16
+    r = np.linspace(-1, 1, g)  # the ramp's value at the centre of old token (i, j)
+    ii, jj = np.meshgrid(r, r, indexing="ij")
+    table = torch.tensor(np.stack([ii, jj, ii + jj], -1).reshape(1, g * g, 3), dtype=torch.float32)
+    sd = {"pos_enc": table, "pos_dec": 2 * table, "head.weight": torch.ones(2)}
+    same, resized = resize_pos_tables(sd, g)
+    assert resized == {} and all(same[k] is sd[k] for k in sd)
+    big, resized = resize_pos_tables(sd, n)
+    assert resized == {"pos_enc": (g, n), "pos_dec": (g, n)} and big["head.weight"] is sd["head.weight"]
+    assert big["pos_enc"].shape == (1, n * n, 3) and torch.allclose(big["pos_dec"], 2 * big["pos_enc"], atol=1e-5)
+    c = (np.arange(n) + 0.5) * g / n - 0.5  # new token centres in old-token units (align_corners=False)
+    ii, jj = np.meshgrid(-1 + 2 * c / (g - 1), -1 + 2 * c / (g - 1), indexing="ij")
+    want = np.stack([ii, jj, ii + jj], -1).reshape(n * n, 3)  # the same ramp at the new centres
+    err = np.abs(big["pos_enc"][0].numpy() - want)
+    assert err.max() < 0.1 and err.mean() < 0.02  # (range 4; the largest errors at the border)
+    back, _ = resize_pos_tables(big, g)
+    assert (back["pos_enc"] - table).abs().max() < 0.05
+
+
+def test_resizing_refuses_another_patch_size_or_width():
+    small = UMD(ModelConfig.from_name("micro/4", image_size=16, channels=1))
+    with pytest.raises(ValueError, match="patch size 4, width 64.*patch size 2, width 64.*only the number of tokens"):
+        load_resized(UMD(ModelConfig.from_name("micro/2", image_size=32, channels=1)), small.state_dict())
+    with pytest.raises(ValueError, match="width 64 .*width 192"):
+        load_resized(UMD(ModelConfig.from_name("tiny/4", image_size=32, channels=1)), small.state_dict())
+
+
+def test_a_16px_checkpoint_fine_tunes_at_32px(tmp_path, capsys):
+    d16, d32 = make_data(tmp_path / "d16", n=16, size=16, classes=2, n_val=0), make_data(tmp_path / "d32", n=16, size=32, classes=2, n_val=0)
+    train.main(argv(d16, tmp_path / "pre", batch_size=8, max_steps=2))
+    capsys.readouterr()
+    res = train.main(argv(d32, tmp_path / "ft", batch_size=8, max_steps=3, init_from=str(tmp_path / "pre" / "ckpt.pt"), labels=True))
+    log = capsys.readouterr().out
+    assert "16x16 -> 32x32; resized (bicubic) pos_enc 4x4 -> 8x8 tokens, pos_dec 4x4 -> 8x8 tokens" in log
+    assert res["model"].config.image_size == 32 and res["model"].num_tokens == 64
+    pre, _ = load_checkpoint(tmp_path / "pre" / "ckpt.pt")
+    ft, ck = load_checkpoint(tmp_path / "ft" / "ckpt.pt")
+    assert ck["model_config"]["image_size"] == 32 and ft.pos_enc.shape == (1, 64, 64)
+    assert ft.patch_embed.weight.shape == pre.patch_embed.weight.shape
+
+
+# ---- the latent format and training on it ----------------------------------------------------
+def test_posterior_sample_is_fresh_every_step_and_the_flip_copy_is_drawn_half_the_time(tmp_path):
+    d = latent_data(tmp_path / "lat", n=16, std=0.1)
+    rows, _, meta = load_split(d)
+    assert rows.dtype == np.float16 and rows.shape == (16, 2, 2, 4, 4, 4) and meta["latent"]["scale"] == 0.5
+    cfg = train.parse_config(argv(d, tmp_path / "o", latent=True, batch_size=16, model="micro/1", max_steps=3))
+    train.check_latent(cfg, meta)
+    assert (cfg.schedule, cfg.vae, cfg.latent_scale) == ("linear", "none", 0.5)
+    batches = train.Batches(rows, np.zeros(16, np.int64), cfg, 16, "cpu")
+
+    def step(s):  # the 16 images of step s (one step is one epoch here), in image order
+        z, _ = batches(s, 0)
+        return z[torch.from_numpy(np.argsort(batches.perm[:16]))]
+    a, b = step(0), step(1)
+    assert a.shape == (16, 4, 4, 4) and a.dtype == torch.float32
+    ids = torch.arange(16.0)
+    m = a.mean((1, 2, 3)) / 0.5  # the drawn copy's mean: +i (the image) or -i (its flip copy)
+    assert torch.allclose(m.abs(), ids, atol=0.05)
+    flipped = m < 0
+    assert 0 < flipped.sum() < 15  # some images drew the flip copy, some not
+    noise = a / 0.5 - torch.where(flipped, -ids, ids)[:, None, None, None]
+    assert 0.07 < noise.std() < 0.13  # z = mean + std N(0, 1), std 0.1
+    assert (a - b).abs().mean() > 0.02 and torch.equal(a, step(0))  # a fresh draw each step, the same on a rerun
+    z = sample_posterior(torch.from_numpy(np.array(rows[:4])), 0.5, False, torch.Generator().manual_seed(0))
+    assert torch.allclose(z.mean((1, 2, 3)) / 0.5, torch.arange(4.0), atol=0.05)  # no hflip: never the flip copy
+    assert torch.equal(posterior_mean(rows[:3], 0.5), 0.5 * torch.arange(3.0)[:, None, None, None].expand(3, 4, 4, 4))
+
+
+def test_latent_and_pixel_data_and_configs_must_agree(tmp_path):
+    pix, lat = make_data(tmp_path / "pix", n=16, size=8, classes=2, n_val=0), latent_data(tmp_path / "lat")
+    with pytest.raises(ValueError, match="latent=True but .*pix is a pixel dataset; encode it first: python "
+                                         "data/latent/prepare.py"):
+        train.main(argv(pix, tmp_path / "a", latent=True, **LATENT))
+    with pytest.raises(ValueError, match="holds VAE latents .*: train on it with latent=True"):
+        train.main(argv(lat, tmp_path / "b", **LATENT))
+    with pytest.raises(ValueError, match="linear schedule .*schedule='cosine' was set"):
+        train.main(argv(lat, tmp_path / "c", latent=True, schedule="cosine", **LATENT))
+    res = train.main(argv(lat, tmp_path / "d", latent=True, max_steps=2, model="micro/2", batch_size=8))
+    assert res["model"].config.channels == 4 and res["model"].config.image_size == 4
+    tc = torch.load(tmp_path / "d" / "ckpt.pt", weights_only=False)["train_config"]
+    assert (tc["schedule"], tc["vae"], tc["latent_scale"]) == ("linear", "none", 0.5)
+    with pytest.raises(ValueError, match="is a latent model but this run has latent=False"):
+        train.main(argv(pix, tmp_path / "e", init_from=str(tmp_path / "d" / "ckpt.pt"), **LATENT))
+
+
+# ---- the whole path through a (tiny) VAE -----------------------------------------------------
+@needs_diffusers
+@pytest.mark.filterwarnings("ignore:the features are the same")  # the random-init baseline of the probe
+def test_encode_train_sample_probe_reconstruct(tiny_vae, tmp_path, capsys, monkeypatch):
+    from data.vae import encode, load_vae
+    src = make_data(tmp_path / "pix", n=16, size=32, channels=3, classes=2)
+    out = tmp_path / "pix_latent"
+    # a killed run (the second batch fails) leaves its progress; the rerun continues and equals one clean run
+    monkeypatch.setattr(latent_prepare, "COMMIT_SECONDS", 0.0)
+    calls = []
+    real = latent_prepare.encode
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(latent_prepare, "encode", dying)
+    with pytest.raises(KeyboardInterrupt):
+        latent_prepare.main(["--src", src, "--vae", tiny_vae, "--batch_size", "6"])
+    assert (out / ".latent-work" / "train.0of1.count").read_text() == "6" and not (out / "meta.json").exists()
+    monkeypatch.setattr(latent_prepare, "encode", real)
+    meta = latent_prepare.main(["--src", src, "--vae", tiny_vae, "--batch_size", "6"])
+    assert "resuming after 6 of 16" in capsys.readouterr().err and not (out / ".latent-work").exists()
+    assert meta["latent"] == {"vae": tiny_vae, "scale": 0.18215, "channels": 4, "downsample": 8, "source": src,
+                              "pixel_size": 32}
+    rows, labels, m = load_split(out)
+    assert rows.shape == (16, 2, 2, 4, 4, 4) and m["image_size"] == 4 and m["channels"] == 4
+    assert np.array_equal(labels, load_split(src)[1]) and load_split(out, "val")[0].shape == (8, 2, 2, 4, 4, 4)
+    vae = load_vae(tiny_vae)
+    pixels = load_split(src)[0]
+    mean, std = encode(vae, pixels)
+    fmean, fstd = encode(vae, pixels[:, :, ::-1])
+    for got, want in ((rows[:, 0, 0], mean), (rows[:, 0, 1], std), (rows[:, 1, 0], fmean), (rows[:, 1, 1], fstd)):
+        assert np.allclose(got, want, atol=2e-3, rtol=2e-3)
+    assert not np.allclose(rows[:, 0, 0], rows[:, 1, 0], atol=1e-2)  # the flip's encoding is its own
+    # sharded over 2 ranks (run one after the other here) and merged: the same file
+    args = latent_prepare.parse_args(["--src", src, "--vae", tiny_vae, "--out", str(tmp_path / "two")])
+    assert latent_prepare.run(args, rank=1, world=2) is None
+    latent_prepare.run(args, rank=0, world=2)
+    assert np.allclose(load_split(tmp_path / "two")[0], rows, atol=1e-3)
+
+    train.main(argv(str(out), tmp_path / "run", latent=True, model="micro/2", max_steps=2, batch_size=8, eval_interval=2,
+                    eval_shots=2, eval_samples=4, eval_steps=2, eval_val_images=4))
+    log = capsys.readouterr().out
+    assert "latents of" in log and "0.18215" in log and "linear schedule" in log and "val_mae_loss" in log
+    assert Image.open(tmp_path / "run" / "samples_0000002.png").mode == "RGB"
+    ckpt = str(tmp_path / "run" / "ckpt.pt")
+    S.main(["--ckpt", ckpt, "--num_samples", "3", "--steps", "2", "--out", str(tmp_path / "s.npz"), "--quiet"])
+    s = np.load(tmp_path / "s.npz")["arr_0"]
+    assert s.dtype == np.uint8 and s.shape == (3, 32, 32, 3) and (tmp_path / "s.png").exists()
+    S.main(["--ckpt", ckpt, "--num_samples", "2", "--steps", "2", "--out", str(tmp_path / "r.npz"), "--raw_latents"])
+    z = np.load(tmp_path / "r.npz")["arr_0"]
+    assert z.dtype == np.float32 and z.shape == (2, 4, 4, 4) and "RAW LATENTS" in capsys.readouterr().err
+    for data in (out, src):  # reconstructions from the latent data and from the pixels, every column decoded
+        S.main(["--ckpt", ckpt, "--recon", str(tmp_path / "rec.png"), "--data", str(data), "--num_recon", "2",
+                "--quiet"])
+        assert Image.open(tmp_path / "rec.png").size == (3 * 34 + 2, 2 * 34 + 2)
+    for data in (out, src):  # the probe on the latent data and on the pixels (encoded by the VAE first)
+        rep = probe.main(["--ckpt", ckpt, "--data", str(data), "--shots", "2", "--seeds", "0", "--quiet",
+                          "--out", str(tmp_path / "probe.json")])
+        assert set(rep["results"]) == {"ckpt", "random_init", "raw_pixels"}
+    model, ck = load_checkpoint(ckpt)
+    with torch.no_grad():  # AdaLN-Zero gates barely moved in 2 steps: perturb them so features differ by image
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    # the stored posterior means and the pixels encoded now give the same features
+    f_lat = probe.extract_features(model, rows[:4], to_input=probe.latent_input(ck, m))
+    f_pix = probe.extract_features(model, pixels[:4], to_input=probe.latent_input(ck, load_split(src)[2]))
+    assert np.ptp(f_lat, 0).max() > 0.01 and np.abs(f_lat - f_pix).max() < 0.01 * np.abs(f_lat).max()
+
+
+@needs_diffusers
+def test_a_missing_vae_or_diffusers_is_named(tmp_path, monkeypatch):
+    from data.vae import load_vae
+    model = UMD(ModelConfig.from_name("micro/4", image_size=8, channels=4))
+    ckpt = str(tmp_path / "lat.pt")
+    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": None, "step": 0,
+                "train_config": {"latent": True, "schedule": "linear"}}, ckpt)
+    with pytest.raises(SystemExit, match="records no VAE: pass --vae PATH"):
+        S.main(["--ckpt", ckpt, "--num_samples", "2", "--steps", "2", "--out", str(tmp_path / "x.npz")])
+    with pytest.raises(SystemExit, match="the VAE folder .*nowhere does not exist; give --vae PATH"):
+        S.main(["--ckpt", ckpt, "--num_samples", "2", "--steps", "2", "--vae", str(tmp_path / "nowhere"),
+                "--out", str(tmp_path / "x.npz")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError, match="cannot load the VAE .*empty \\(the folder\\): .*config.json"):
+        load_vae(tmp_path / "empty")
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
+    with pytest.raises(ImportError, match="optional package diffusers: pip install diffusers"):
+        load_vae("anything")
 
 
 # ========================================================================================

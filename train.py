@@ -54,7 +54,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from corrupt import SCHEMES, T, make_schedule, masked_mse, pixel_mask
 from data.common import atomic_write, check_geometry, load_meta, load_split
-from model import UMD, ModelConfig, from_uint8, load_checkpoint, read_checkpoint
+from data.vae import decode, posterior_mean, sample_posterior
+from model import UMD, ModelConfig, from_uint8, load_checkpoint, load_resized, read_checkpoint
 
 CUDA = torch.cuda.is_available()
 
@@ -75,8 +76,11 @@ class Config:
     preset: str = "auto"          # the scheme's preset (umd, mae, dit, maskdit, ...); auto: the first one, or
                                   # with init_from the fine-tuning recipe of what the checkpoint was trained with
     knobs: dict = field(default_factory=dict)  # knob overrides, set as --<knob>=value (e.g. --mask_ratio_noisy=0.0)
-    schedule: str = "cosine"      # "cosine" (pixels) or "linear" (latents)
-    latent: bool = False          # VAE-latent training (not supported by data/ yet)
+    schedule: str = "auto"        # "auto": "cosine" for pixels, "linear" for latents (latents refuse "cosine")
+    latent: bool = False          # train on VAE latents: a latent dataset (data/latent/prepare.py; data/vae.py);
+                                  # per step a fresh posterior sample, the stored flip copy, no random-resized crop
+    vae: str = ""                 # latent: the VAE of the data ("": its meta.json's), recorded for sample.py
+    latent_scale: float = 0.0     # latent: the model sees latent_scale * z (0: the data's, 0.18215 for SD's VAE)
     labels: bool = False          # train with class labels (a label table of the data's classes, CFG dropout)
     label_dropout: float = 0.1    # share of labels replaced by the null label
     batch_size: int = 1024        # global: over all ranks and accumulation steps
@@ -123,7 +127,7 @@ class Config:
 # Keys one may change when resuming a run; any other change makes it another run.
 FREE_ON_RESUME = {"out_dir", "resume", "allow_config_change", "device", "dtype", "compile", "grad_accum",
                   "log_interval", "ckpt_interval", "max_nonfinite", "step_timeout_minutes", "_test_nan_steps",
-                  "_test_stop_step", "_test_stall_step"} | \
+                  "_test_stop_step", "_test_stall_step", "vae"} | \
                  {f.name for f in fields(Config) if f.name.startswith("eval_")}
 RANGES = {  # key: (test, what it must be); every number gets one
     "batch_size": (lambda v: v >= 1, ">= 1"), "grad_accum": (lambda v: v >= 1, ">= 1"),
@@ -135,6 +139,7 @@ RANGES = {  # key: (test, what it must be); every number gets one
     "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"), "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
     "ema_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"), "crop_area_min": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "label_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "seed": (lambda v: v >= 0, ">= 0"),
+    "latent_scale": (lambda v: v >= 0, ">= 0 (0: the data's)"),
     "log_interval": (lambda v: v >= 1, ">= 1"), "ckpt_interval": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
     "eval_interval": (lambda v: v >= 0, ">= 0 (0: no evals)"), "eval_shots": (lambda v: v >= 0, ">= 0"),
     "eval_max_test": (lambda v: v >= 0, ">= 0"), "eval_samples": (lambda v: v >= 0, ">= 0"),
@@ -146,7 +151,7 @@ RANGES = {  # key: (test, what it must be); every number gets one
     "max_nonfinite": (lambda v: v >= 1, ">= 1"), "step_timeout_minutes": (lambda v: v > 0, "> 0"),
     "_test_stop_step": (lambda v: v >= 0, ">= 0"), "_test_stall_step": (lambda v: v >= 0, ">= 0"),
 }
-CHOICES = {"dtype": ("bf16", "fp32"), "schedule": ("cosine", "linear")}
+CHOICES = {"dtype": ("bf16", "fp32"), "schedule": ("auto", "cosine", "linear")}
 PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense bf16 per GPU (TF32: half)
 
 
@@ -219,9 +224,25 @@ def check_config(cfg):
     for key, allowed in {**CHOICES, "loss": ("auto", *SCHEMES)}.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key {key!r} must be one of {list(allowed)}, got {getattr(cfg, key)!r}")
+    if cfg.latent and cfg.schedule == "cosine":
+        raise ValueError("latent=True trains with the linear schedule (the paper's for latents), but schedule="
+                         "'cosine' was set: drop it (auto) or set schedule='linear'")
+
+
+def check_latent(cfg, meta):
+    """latent=True needs a latent dataset and latent=False a pixel one. Resolves schedule "auto" (cosine for
+    pixels, linear for latents), and for latents vae and latent_scale from the data's meta.json."""
+    lat = meta.get("latent")
+    if cfg.latent and not lat:
+        raise ValueError(f"latent=True but {cfg.data_dir} is a pixel dataset; encode it first: python "
+                         f"data/latent/prepare.py --src {cfg.data_dir} --vae PATH --out {cfg.data_dir}_latent")
+    if lat and not cfg.latent:
+        raise ValueError(f"{cfg.data_dir} holds VAE latents (made by {lat['vae']}): train on it with latent=True "
+                         "(e.g. config/latent_umd_l2.py), or on a pixel dataset")
+    if cfg.schedule == "auto":
+        cfg.schedule = "linear" if cfg.latent else "cosine"
     if cfg.latent:
-        raise ValueError("latent=True: training on VAE latents needs a latent dataset format, which "
-                         "data/ does not provide yet")
+        cfg.vae, cfg.latent_scale = cfg.vae or lat["vae"], cfg.latent_scale or float(lat["scale"])
 
 
 def help_text():
@@ -318,7 +339,8 @@ def augment(x, area_min, hflip, gen):
 
 
 class Batches:
-    """Micro-batch `chunk` of step s: images from the memmap, augmented on the device."""
+    """Micro-batch `chunk` of step s: images from the memmap, augmented on the device (latents: a
+    posterior sample of the image or its flip copy, data.vae.sample_posterior)."""
 
     def __init__(self, images, targets, cfg, micro_bs, device):
         self.images, self.targets, self.cfg, self.micro_bs, self.device = images, targets, cfg, micro_bs, device
@@ -332,13 +354,15 @@ class Batches:
             self.perm_epoch, self.perm = epoch, torch.randperm(len(self.images), generator=g).numpy()
         start = pos * self.cfg.batch_size + chunk * self.micro_bs
         idx = self.perm[start:start + self.micro_bs]
-        order, x = np.argsort(idx), np.empty((len(idx),) + self.images.shape[1:], np.uint8)
+        order, x = np.argsort(idx), np.empty((len(idx),) + self.images.shape[1:], self.images.dtype)
         x[order] = self.images[idx[order]]  # read in file order (faster), keep the random order: the loss
         x, y = torch.from_numpy(x), torch.from_numpy(self.targets[idx])  # splits batches by position
         if self.device.startswith("cuda"):
             x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         self.gen.manual_seed(seed_of(self.cfg.seed, 1, s, chunk))
-        return augment(x, self.cfg.crop_area_min, self.cfg.hflip, self.gen), (y if self.cfg.labels else None)
+        x = (sample_posterior(x, self.cfg.latent_scale, self.cfg.hflip, self.gen) if self.cfg.latent
+             else augment(x, self.cfg.crop_area_min, self.cfg.hflip, self.gen))
+        return x, (y if self.cfg.labels else None)
 
 
 # ---- model, optimizer, checkpoints --------------------------------------------------------------
@@ -361,9 +385,18 @@ def build_model(cfg, meta, log):
         return model, knobs, knobs
     model, _ = load_checkpoint(cfg.init_from)
     mc = model.train().config
-    if (mc.image_size, mc.channels) != (meta["image_size"], meta["channels"]):
+    if bool((init.get("train_config") or {}).get("latent")) != cfg.latent:
+        raise ValueError(f"init_from {cfg.init_from} is a {'latent' if not cfg.latent else 'pixel'} model but this "
+                         f"run has latent={cfg.latent}")
+    if mc.channels != meta["channels"]:
         raise ValueError(f"init_from {cfg.init_from} is a model of {mc.image_size}x{mc.image_size}x{mc.channels} "
                          f"images but {cfg.data_dir} holds {meta['image_size']}x{meta['image_size']}x{meta['channels']}")
+    if mc.image_size != meta["image_size"]:  # transfer across resolutions (USP): position tables resized
+        weights, model = model.state_dict(), UMD(replace(mc, image_size=meta["image_size"])).train()
+        resized = load_resized(model, weights)
+        log(f"init_from {cfg.init_from}: {mc.image_size}x{mc.image_size} -> {meta['image_size']}x{meta['image_size']}"
+            f"; resized (bicubic) " + ", ".join(f"{k} {a}x{a} -> {b}x{b} tokens" for k, (a, b) in resized.items()))
+        mc = model.config
     if cfg.labels and mc.num_classes == 0:
         model.add_label_embedding(num_classes)
     elif cfg.labels and mc.num_classes != num_classes:
@@ -489,9 +522,14 @@ def setup_eval(cfg, run, scheme, device, log):
     val split fails now, not hours later: the fixed val batch of the validation losses, and for
     FID the Inception network and the reference statistics (rank 0 computes them once and caches
     them in out_dir/fid_ref.npz, keyed by the val files, so a changed dataset is recomputed)."""
-    ev = {"val": None, "inception": None, "ref": None}
+    ev = {"val": None, "inception": None, "ref": None, "vae": None, "to_input": None}
     if not cfg.eval_interval:
         return ev
+    if cfg.latent:  # the probe and val losses read the latent data's posterior means; samples are decoded
+        ev["to_input"] = lambda rows: posterior_mean(rows, cfg.latent_scale)
+        if cfg.eval_fid_samples or cfg.eval_samples and run.master:
+            from data.vae import load_vae
+            ev["vae"] = load_vae(cfg.vae, device)
     if cfg.eval_val_images and run.master:
         try:
             images, labels, _ = load_split(cfg.data_dir, "val")
@@ -519,37 +557,38 @@ def reference_stats(cfg, inception, log):
             raise ValueError(f"eval_fid_ref {cfg.eval_fid_ref} holds images, not statistics: make them with "
                              f"`python fid.py stats SOURCE --features --out {cfg.eval_fid_ref}`")
         return st["mu"], st["sigma"], st.get("pool")
-    split = "val" if "val" in load_meta(cfg.data_dir)["splits"] else "train"
-    src = os.path.abspath(os.path.join(cfg.data_dir, f"{split}.npy"))
+    data_dir = (load_meta(cfg.data_dir).get("latent") or {}).get("source") or cfg.data_dir  # latents: their pixels
+    split = "val" if "val" in load_meta(data_dir)["splits"] else "train"
+    src = os.path.abspath(os.path.join(data_dir, f"{split}.npy"))
     key = f"{src} {os.path.getsize(src)} {os.stat(src).st_mtime_ns} {inception.source}"
     cache = os.path.join(cfg.out_dir, "fid_ref.npz")
     if os.path.exists(cache):
         with np.load(cache) as d:
             if str(d["key"]) == key:
                 return d["mu"], d["sigma"], d["pool"]
-    log(f"FID reference: Inception features of {cfg.data_dir} {split} -> {cache}")
-    pool, _ = fid.features(load_split(cfg.data_dir, split)[0], inception, verbose=False)
+    log(f"FID reference: Inception features of {data_dir} {split} -> {cache}")
+    pool, _ = fid.features(load_split(data_dir, split)[0], inception, verbose=False)
     mu, sigma = fid.mean_cov(pool)
     atomic_write(cache, lambda f: np.savez(f, key=key, mu=mu, sigma=sigma, pool=pool.astype(np.float32)))
     return mu, sigma, pool
 
 
 @torch.no_grad()
-def validation_losses(model, scheme, val, abar, device, batch_size=64):
+def validation_losses(model, scheme, val, abar, device, batch_size=64, to_input=from_uint8):
     """The diffusion loss (eps and x0 MSE, no mask; labels when the model has a table) of noised val
     images and the masked-reconstruction loss of the clean ones (mask ratio 0.75), with timesteps,
     noise and masks fixed: the same every eval, so the curves compare."""
     images, labels = val
     g = torch.Generator().manual_seed(0)
     n, L = len(images), model.num_tokens
-    t, eps = torch.randint(0, T, (n,), generator=g), torch.randn((n,) + from_uint8(images[:1]).shape[1:], generator=g)
+    t, eps = torch.randint(0, T, (n,), generator=g), torch.randn((n,) + to_input(images[:1]).shape[1:], generator=g)
     keep = torch.rand(n, L, generator=g).argsort(1)[:, :L - int(L * 0.75)]
     masks = torch.ones(n, L, dtype=torch.bool).scatter_(1, keep, False)
     was_training, sums = model.training, np.zeros(3)
     model.eval()
     try:
         for i in range(0, n, batch_size):
-            x0, b = from_uint8(images[i:i + batch_size]).to(device), slice(i, i + batch_size)
+            x0, b = to_input(images[i:i + batch_size]).to(device), slice(i, i + batch_size)
             x, t_model = scheme.noise_at(x0, t[b].to(device), eps[b].to(device), abar)
             y = labels[b].to(device) if model.config.num_classes else None
             x0_pred, eps_pred, _ = model(x, t_model, y)
@@ -573,7 +612,8 @@ def fid_eval(model, cfg, abar, run, ev):
     for scale in dict.fromkeys(float(s) for s in scales):
         imgs, _ = sample.sample_images(model, abar, n, steps=cfg.eval_fid_steps, cfg_scale=scale, seed=0,
                                        device=run.device, rank=run.rank, world_size=run.world,
-                                       sampler=sample.pick_sampler(cfg.loss))
+                                       sampler=sample.pick_sampler(cfg.loss), clip=not cfg.latent)
+        imgs = decode(ev["vae"], imgs, cfg.latent_scale) if cfg.latent else imgs
         pool, logits = fid.features(imgs, ev["inception"], verbose=False)
         if run.world > 1:
             pool = sample.gather_samples(pool, n, run.rank, run.world, run.device)
@@ -604,16 +644,19 @@ def evaluate(model, cfg, abar, pretrain_knobs, step, run, ev):
                 noise_t = probe.default_noise_t({"pretrain_knobs": asdict(pretrain_knobs)})
                 accs = probe.evaluate(model, cfg.data_dir, shots=(cfg.eval_shots,), seeds=(0,), noise_t=noise_t,
                                       abar=abar, max_test=cfg.eval_max_test or None, device=run.device, quiet=True,
-                                      scheme=cfg.loss)
+                                      scheme=cfg.loss, to_input=ev["to_input"])
                 out.update({f"fewshot_{k}": float(v) for k, v in accs.items()})
                 seconds["probe"], t0 = time.time() - t0, time.time()
             if ev["val"] is not None:
-                out.update(validation_losses(model, SCHEMES[cfg.loss], ev["val"], abar, run.device))
+                out.update(validation_losses(model, SCHEMES[cfg.loss], ev["val"], abar, run.device,
+                                             to_input=ev["to_input"] or from_uint8))
                 seconds["val_losses"], t0 = time.time() - t0, time.time()
             if cfg.eval_samples:
                 scale = cfg.eval_cfg_scale if model.config.num_classes else 1.0
                 imgs, ys = sample.sample_images(model, abar, cfg.eval_samples, steps=cfg.eval_steps, cfg_scale=scale,
-                                                eta=1.0, seed=0, device=run.device, sampler=sample.pick_sampler(cfg.loss))
+                                                eta=1.0, seed=0, device=run.device, sampler=sample.pick_sampler(cfg.loss),
+                                                clip=not cfg.latent)
+                imgs = decode(ev["vae"], imgs, cfg.latent_scale) if cfg.latent else imgs
                 path = os.path.join(cfg.out_dir, f"samples_{step:07d}.png")
                 ncols = 8 if ys is None else max(1, min(8, -(-len(ys) // model.config.num_classes)))  # row per class
                 out["samples"] = str(sample.save_grid(sample.grid_images(imgs, ys, ncols), path, ncols))
@@ -664,6 +707,7 @@ def main(argv=None):
         lock = claim_out_dir(cfg.out_dir) if run.master else None  # before any long work
         images, targets, meta = load_split(cfg.data_dir, "train")
         check_geometry(meta, cfg.image_size, cfg.channels, cfg.data_dir)
+        check_latent(cfg, meta)
         if len(images) < B:
             raise ValueError(f"{cfg.data_dir} holds {len(images)} training images, fewer than batch_size {B}")
         steps_per_epoch = len(images) // B
@@ -709,6 +753,9 @@ def main(argv=None):
         log(f"data {cfg.data_dir}: {len(images)} images {meta['image_size']}x{meta['image_size']}x{meta['channels']}; "
             f"{total} steps of {B} ({total / steps_per_epoch:.2f} epochs), micro-batch {micro_bs} x {A} accum x "
             f"{run.world} ranks; peak lr {peak_lr:.3g}, warmup {warmup}; {device} {cfg.dtype}")
+        if cfg.latent:
+            log(f"latents of {cfg.vae} times {cfg.latent_scale:g}, {cfg.schedule} schedule: a fresh posterior sample "
+                f"per step{', the flip copy with probability 0.5' if cfg.hflip else ''}; no random-resized crop")
 
         def lr_at(s):  # linear warmup, then cosine to 0
             if s < warmup:

@@ -5,6 +5,10 @@ A prepared dataset is a folder, by default data/<name>/, holding
     train_labels.npy  int64 (N,), values in [0, num_classes)
     val.npy, val_labels.npy   the same for the held-out split
     meta.json         {"name", "image_size", "channels", "num_classes", "classes", "splits": {split: N}}
+A latent dataset (data/latent/prepare.py: a pixel dataset through Stable Diffusion's VAE, data/vae.py) has
+the same files; its <split>.npy is float16 (N, 2, 2, h, w, C): [:, 0] the image, [:, 1] its horizontal flip,
+each [mean, std] of the VAE posterior (unscaled); image_size is h, channels C, and meta.json also holds
+    "latent": {"vae", "scale", "channels", "downsample", "source", "pixel_size"}  (the VAE, its scale, the pixels)
 Every file is written to a temporary name first and then renamed, so a crash leaves no half-written file.
 
 A prepare script changes a dataset folder all at once or not at all (`dataset_writer`): it writes every
@@ -15,23 +19,31 @@ leaves a folder without meta.json, which load_split refuses (naming the prepare 
 old and new splits. Only the files of the dataset are replaced: <out> may also hold raw/ downloads or the
 prepare script itself. A temporary folder left by a killed run is deleted by the next run into <out>.
 """
+import argparse
 import contextlib
 import errno
 import hashlib
+import http.client
+import io
 import json
 import os
 import shutil
 import sys
+import tarfile
 import time
 import urllib.request
 import uuid
-from pathlib import Path
+import zlib
+from multiprocessing import Pool
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = REPO_ROOT / "data"
-SCRIPTS = {"fashion_mnist": "", "cifar10": "", "imagenet64": " --src DIR", "folder": " --src DIR"}
+SCRIPTS = {"fashion_mnist": "", "cifar10": "", "imagenet64": " --src DIR", "folder": " --src DIR",
+           "cifar100": "", "stl10": "", "flowers102": "", "dtd": "", "pets": "", "food101": "",
+           "stanford_dogs": ""}  # the last seven: transfer datasets of the few-shot probe
 
 
 def prepare_hint(data_dir):
@@ -40,6 +52,8 @@ def prepare_hint(data_dir):
     if d.name in SCRIPTS:
         cmd = f"python data/{d.name}/prepare.py{SCRIPTS[d.name]}"
         return cmd if d.resolve() == (DATA_ROOT / d.name).resolve() else cmd + f" --out {d}"
+    if d.name.endswith("_latent"):  # data/latent/prepare.py's default --out
+        return f"python data/latent/prepare.py --src {d.with_name(d.name.removesuffix('_latent'))} --vae PATH"
     return f"python data/<name>/prepare.py --out {d}  (<name>: {', '.join(SCRIPTS)})"
 
 
@@ -171,11 +185,11 @@ class SplitWriter:
         self.abort()
 
 
-def write_meta(out_dir, name, classes, image_size, channels, splits):
-    """Write meta.json; returns the dict written."""
+def write_meta(out_dir, name, classes, image_size, channels, splits, **extra):
+    """Write meta.json (extra keys too, e.g. latent={...}); returns the dict written."""
     meta = {"name": name, "image_size": int(image_size), "channels": int(channels),
             "num_classes": len(classes), "classes": [str(c) for c in classes],
-            "splits": {k: int(v) for k, v in splits.items()}}
+            "splits": {k: int(v) for k, v in splits.items()}, **extra}
     atomic_write(Path(out_dir) / "meta.json", lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
     return meta
 
@@ -242,13 +256,15 @@ def load_meta(data_dir):
         raise FileNotFoundError(f"{path} is missing; (re)make the dataset with `{prepare_hint(d)}`")
     try:
         meta = json.loads(path.read_text())
-        ok = (isinstance(meta["image_size"], int) and meta["image_size"] > 0 and meta["channels"] in (1, 3)
+        ok = (isinstance(meta["image_size"], int) and meta["image_size"] > 0
+              and (meta["channels"] in (1, 3) or isinstance(meta.get("latent"), dict)
+                   and meta["channels"] == meta["latent"].get("channels"))
               and meta["num_classes"] == len(meta["classes"]) > 0 and isinstance(meta["splits"], dict))
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a valid meta.json ({e!r}); re-make it with `{prepare_hint(d)}`") from None
     if not ok:
-        raise ValueError(f"{path} is not a valid meta.json: need image_size > 0, channels 1 or 3, "
-                         f"num_classes == len(classes) > 0 and a splits dict; got {meta}")
+        raise ValueError(f"{path} is not a valid meta.json: need image_size > 0, channels 1 or 3 (latents: "
+                         f"latent.channels), num_classes == len(classes) > 0 and a splits dict; got {meta}")
     return meta
 
 
@@ -260,7 +276,8 @@ def _np_load(path, hint, **kw):
 
 
 def load_split(data_dir, split="train"):
-    """Return (images, labels, meta): images a read-only memmap uint8 (N, H, W, C), labels int64 (N,)."""
+    """Return (images, labels, meta): images a read-only memmap uint8 (N, H, W, C) (latent data: float16
+    (N, 2, 2, h, w, C), see the module docstring), labels int64 (N,)."""
     d = Path(data_dir)
     meta = load_meta(d)
     hint = prepare_hint(d)
@@ -273,8 +290,10 @@ def load_split(data_dir, split="train"):
             raise FileNotFoundError(f"{p} is missing; re-make the dataset with `{hint}`")
     x = _np_load(ipath, hint, mmap_mode="r")
     y = _np_load(lpath, hint)
-    if x.dtype != np.uint8 or x.ndim != 4:
-        raise ValueError(f"{ipath} holds {x.dtype} {x.shape}, expected uint8 (N, H, W, C)")
+    want = (np.float16, 6, (2, 2)) if "latent" in meta else (np.uint8, 4, x.shape[1:3])
+    if (x.dtype, x.ndim, x.shape[1:3]) != want:
+        raise ValueError(f"{ipath} holds {x.dtype} {x.shape}, expected "
+                         + ("float16 (N, 2, 2, h, w, C) latents" if "latent" in meta else "uint8 (N, H, W, C)"))
     if y.dtype != np.int64 or y.ndim != 1:
         raise ValueError(f"{lpath} holds {y.dtype} {y.shape}, expected int64 (N,)")
     if len(x) == 0:
@@ -282,8 +301,8 @@ def load_split(data_dir, split="train"):
     if len(x) != len(y):
         raise ValueError(f"{ipath} holds {len(x)} images but {lpath} holds {len(y)} labels")
     s, c, k = meta["image_size"], meta["channels"], meta["num_classes"]
-    if x.shape[1:] != (s, s, c):
-        raise ValueError(f"{ipath} holds {'x'.join(map(str, x.shape[1:]))} images "
+    if x.shape[-3:] != (s, s, c):
+        raise ValueError(f"{ipath} holds {'x'.join(map(str, x.shape[-3:]))} images "
                          f"but {d / 'meta.json'} says {s}x{s}x{c}")
     if meta["splits"][split] != len(x):
         raise ValueError(f"{ipath} holds {len(x)} images but {d / 'meta.json'} says {meta['splits'][split]}")
@@ -319,8 +338,9 @@ def file_digest(path, algo):
     return h.hexdigest()
 
 
-def download(url, dest, md5=None, timeout=30):
-    """Fetch url to dest (through a .part file), checking md5 if given; any failure raises OSError."""
+def download(url, dest, md5=None, timeout=30, sha256=None):
+    """Fetch url to dest (through a .part file), checking the length the server announced and md5 or sha256
+    if given; any failure raises OSError naming url and dest, and leaves no file behind."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -329,12 +349,16 @@ def download(url, dest, md5=None, timeout=30):
         with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
             while block := r.read(1 << 20):
                 f.write(block)
-        if md5 is not None and (got := file_digest(part, "md5")) != md5:
-            raise OSError(f"checksum mismatch (md5 {got}, expected {md5})")
+            length = r.headers.get("Content-Length")
+        if length is not None and part.stat().st_size != int(length):
+            raise OSError(f"truncated: {part.stat().st_size} of the {length} bytes announced")
+        for algo, want in (("md5", md5), ("sha256", sha256)):
+            if want is not None and (got := file_digest(part, algo)) != want:
+                raise OSError(f"checksum mismatch ({algo} {got}, expected {want})")
         os.replace(part, dest)
-    except (OSError, ValueError) as e:  # URLError, timeouts and bad URLs
+    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, timeouts, bad URLs, short reads
         part.unlink(missing_ok=True)
-        raise OSError(f"download of {url} failed: {e}") from None
+        raise OSError(f"download of {url} to {dest} failed: {e}") from None
 
 
 def print_summary(out_dir, meta, t0):
@@ -350,3 +374,181 @@ def cli(main):
         main()
     except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
         sys.exit(f"error: {e}")
+
+
+# ----------------------------------------------------------------------------- transfer-dataset helpers
+# The transfer prepare scripts (cifar100, stl10, flowers102, dtd, pets, food101, stanford_dogs) read the
+# official archives in one pass, never extracting them, and keep each image resized to S x S.
+
+def _positive(s):
+    if not s.isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {s!r}")
+    return int(s)
+
+
+def prepare_parser(doc, name, size=64):
+    """The arguments every transfer prepare script takes: --src, --size, --out, --workers."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", help="the downloaded archive, or a folder holding the archives or their extracted "
+                                 "files (default: <out>/raw/, downloading what is missing)")
+    p.add_argument("--size", type=_positive, default=size, help=f"output side S: the shorter side resized to S, then "
+                                                          f"the centre crop (default {size})")
+    p.add_argument("--out", default=str(DATA_ROOT / name), help="output folder")
+    p.add_argument("--workers", type=_positive, default=min(8, os.cpu_count() or 1), help="image-decoding processes")
+    return p
+
+
+def fetch(files, raw_dir, name):
+    """files: {file name: (url, algo, hex digest)}. Downloads the ones missing from raw_dir into it, each
+    checked (download); returns raw_dir. A failure names the file, its URL and how to go on without."""
+    raw_dir = Path(raw_dir)
+    for fname, (url, algo, digest) in files.items():
+        if not (raw_dir / fname).is_file():
+            try:
+                download(url, raw_dir / fname, timeout=60, **{algo: digest})
+            except OSError as e:
+                raise OSError(f"{name}: {e}\nFetch {' and '.join(files)} yourself into {raw_dir} and re-run, or "
+                              f"into a folder DIR and run `python data/{name}/prepare.py --src DIR`") from None
+    return raw_dir
+
+
+def iter_tree(src, want):
+    """Yield (key, bytes) for each file of src that want(path parts) maps to a key (None: skip it). src is a
+    tar archive, read in one pass, or a folder walked recursively where tar archives are read the same way.
+    Hidden files and folders (., e.g. macOS ._ files) are skipped."""
+    src = Path(src)
+    if not src.exists():
+        raise FileNotFoundError(f"--src {src} does not exist")
+    if src.is_dir():
+        for p in sorted(src.rglob("*")):
+            parts = p.relative_to(src).parts
+            if not p.is_file() or _hidden(parts):
+                continue
+            if p.name.endswith((".tar", ".tar.gz", ".tgz")):
+                yield from iter_tree(p, want)
+            elif (key := want(parts)) is not None:
+                yield key, p.read_bytes()
+        return
+    try:
+        with tarfile.open(src) as tar:
+            for m in tar:
+                parts = PurePosixPath(m.name).parts
+                if m.isfile() and not _hidden(parts) and (key := want(parts)) is not None:
+                    yield key, tar.extractfile(m).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"cannot read the archive {src} (truncated, or not a tar archive): {e}") from None
+
+
+def _hidden(parts):
+    return any(s.startswith(".") for s in parts)
+
+
+def resize_crop(im, size):
+    """PIL image -> (size, size, C) uint8: the shorter side resized to size (bicubic, antialiased), then the
+    central crop."""
+    from PIL import Image
+    w, h = im.size
+    nw, nh = max(size, round(w * size / min(w, h))), max(size, round(h * size / min(w, h)))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)), np.uint8)
+
+
+def resize_array(x, size):
+    """uint8 (N, H, W, 3) -> (N, size, size, 3) by resize_crop; x itself when it already has that size."""
+    from PIL import Image
+    if x.shape[1:3] == (size, size):
+        return x
+    return np.stack([resize_crop(Image.fromarray(a), size) for a in x])
+
+
+def decode_image(job):
+    """(encoded bytes, size, name) -> RGB (size, size, 3) uint8 by resize_crop (EXIF orientation ignored, as
+    torchvision and tfds do), or the error message naming the image (a str)."""
+    from PIL import Image
+    data, size, name = job
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return resize_crop(im.convert("RGB"), size)
+    except Exception as e:  # Pillow raises many kinds for bad data
+        return f"cannot decode {name}: {type(e).__name__}: {e}"
+
+
+def collect(src, want, size, workers=1):
+    """One pass over src (iter_tree): want(path parts) -> ("image", key), ("file", key) or None. Returns
+    ({key: decode_image result}, {key: bytes}); an image that fails to decode holds its error message, raised
+    only if a split uses it (stack_images). Holds N x size x size x 3 bytes of images in memory."""
+    images, files, batch = {}, {}, []
+    pool = Pool(workers) if workers > 1 else None
+
+    def flush():
+        jobs = [(data, size, f"{src}: {key}") for key, data in batch]
+        images.update(zip([k for k, _ in batch], pool.map(decode_image, jobs) if pool else map(decode_image, jobs)))
+        batch.clear()
+        print(f"  {len(images)} images decoded", file=sys.stderr)
+
+    try:
+        for (kind, key), data in iter_tree(src, want):
+            if kind == "file":
+                files[key] = data
+            else:
+                batch.append((key, data))
+                if len(batch) >= 512 * workers:
+                    flush()
+        flush()
+    finally:
+        if pool:
+            pool.terminate()
+    return images, files
+
+
+def need_file(files, name, src):
+    if name not in files:
+        raise FileNotFoundError(f"{src} holds no {name}")
+    return files[name]
+
+
+def load_mat(files, name, keys, src):
+    """{key: 1-D array} of the variables keys of a MATLAB v5 .mat file of files (scipy.io.loadmat)."""
+    import scipy.io
+    try:
+        mat = scipy.io.loadmat(io.BytesIO(need_file(files, name, src)), squeeze_me=True)
+    except (ValueError, TypeError, OSError, NotImplementedError) as e:  # scipy's errors for a bad .mat
+        raise ValueError(f"{src}: {name} is not a readable MATLAB .mat file ({type(e).__name__}: {e})") from None
+    missing = [k for k in keys if k not in mat]
+    if missing:
+        raise ValueError(f"{src}: {name} lacks {', '.join(missing)} (it holds {sorted(k for k in mat if k[0] != '_')})")
+    return {k: np.atleast_1d(mat[k]) for k in keys}
+
+
+def text_lines(files, name, src):
+    """The non-blank lines of a text file of files, stripped."""
+    return [line.strip() for line in need_file(files, name, src).decode().splitlines() if line.strip()]
+
+
+def stack_images(images, keys, src, what):
+    """The images of keys as one (N, S, S, 3) array; an error names the missing or undecodable ones."""
+    if not keys:
+        raise ValueError(f"{src}: the {what} list is empty")
+    missing = [k for k in keys if k not in images]
+    if missing:
+        raise FileNotFoundError(f"{src}: {len(missing)} image(s) of the {what} list are missing, e.g. "
+                                f"{', '.join(map(str, missing[:3]))}")
+    bad = [images[k] for k in keys if isinstance(images[k], str)]
+    if bad:
+        raise ValueError(f"{src}: {len(bad)} image(s) of the {what} list cannot be read, e.g. {bad[0]}")
+    x = np.empty((len(keys),) + images[keys[0]].shape, np.uint8)
+    for i, k in enumerate(keys):
+        x[i] = images[k]
+    return x
+
+
+def write_dataset(out, name, classes, splits, t0):
+    """splits: {split: (uint8 images, labels)} -> the dataset folder out (dataset_writer), with a summary."""
+    with dataset_writer(out) as tmp:
+        for split, (x, y) in splits.items():
+            write_split(tmp, split, x, y)
+        meta = write_meta(tmp, name, classes, x.shape[1], x.shape[3], {k: len(v[1]) for k, v in splits.items()})
+    print_summary(out, meta, t0)
+    return meta
