@@ -17,6 +17,7 @@ The executable spec of umd, in the order of the method. Run: python -m pytest -q
                                               format's checks, position tables resized 16 -> 32 px
     dataset format, prepare scripts         data: format, each prepare script on files in its real format,
                                               the transfer datasets, their checked downloads, the transfer table
+    the paper's Table 1 at small scale      compare: the whole comparison on tiny data, resumed
     faults and bad input                    reliability: kills, locks, full disks, bad arguments
 
 Expected values are computed by hand in the test (closed forms, plain loops) or are the
@@ -2009,6 +2010,44 @@ def test_cifar10_bad_input(tmp_path, monkeypatch):
         cf.main(["--out", str(tmp_path / "out")])
 
 
+# ---- cifar10 from a JPEG-bytes npz ----------------------------------------------------------
+def jpeg_npz(path, colours, labels, classes, bad=None):
+    """A JPEG-bytes npz of solid 32x32 images (image `bad`: broken bytes)."""
+    blobs = []
+    for i, c in enumerate(colours):
+        f = io.BytesIO()
+        Image.new("RGB", (32, 32), tuple(int(v) for v in c)).save(f, format="JPEG", quality=95)
+        blobs.append(f.getvalue()[:40] if i == bad else f.getvalue())
+    offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+    np.savez(path, jpeg=np.frombuffer(b"".join(blobs), np.uint8), offsets=offsets, labels=np.asarray(labels, np.uint8),
+             classes=np.array(classes), paths=np.array([f"train/{y}/{i:04d}.jpg" for i, y in enumerate(labels)]))
+    return str(path)
+
+
+def test_cifar10_jpeg_npz(tmp_path):
+    cf = script("cifar10")
+    rng = np.random.default_rng(0)
+    colours, labels = rng.integers(0, 256, (12, 3)), [i % 3 for i in range(12)]  # 4 images of each of 3 classes
+    src = jpeg_npz(tmp_path / "train.npz", colours, labels, ["a", "b", "c"])
+    cf.main(["--src", src, "--out", str(tmp_path / "out"), "--val_frac", "0.25"])
+    x, y, meta = load_split(tmp_path / "out", "train")
+    xv, yv, _ = load_split(tmp_path / "out", "val")
+    assert meta["classes"] == ["a", "b", "c"] and meta["splits"] == {"train": 9, "val": 3}
+    assert sorted(yv.tolist()) == [0, 1, 2]  # class-balanced: one of the 4 of each class
+    _, val = cf.class_balanced_split(np.array(labels), 0.25, 0)
+    for images, idx in ((xv, val), (x, np.setdiff1d(np.arange(12), val))):  # both splits keep the file order
+        assert np.abs(images.reshape(len(idx), -1, 3).mean(1) - colours[idx]).max() < 4  # JPEG: nearly exact
+    cf.main(["--src", src, "--out", str(tmp_path / "out0"), "--val_frac", "0"])
+    assert load_split(tmp_path / "out0", "train")[0].shape == (12, 32, 32, 3)
+    with pytest.raises(ValueError, match=r"cannot decode image 5 \(train/2/0005.jpg\)"):
+        cf.main(["--src", jpeg_npz(tmp_path / "bad.npz", colours, labels, ["a", "b", "c"], bad=5),
+                 "--out", str(tmp_path / "out1")])
+    with pytest.raises(ValueError, match=r"labels must be N >= 1 class ids in \[0, 2\)"):
+        cf.main(["--src", jpeg_npz(tmp_path / "bad2.npz", colours, labels, ["a", "b"]), "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="--val_frac applies to a JPEG-bytes npz only"):
+        cf.main(["--src", str(tmp_path), "--val_frac", "0.1", "--out", str(tmp_path / "o")])
+
+
 # ---- imagenet64 ------------------------------------------------------------------------------
 def write_imagenet64(d):
     """Official-layout npz files, in the part folders of the zips; pixel (5, 7) of the first val image is
@@ -2635,6 +2674,43 @@ def test_a_missing_vae_or_diffusers_is_named(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
     with pytest.raises(ImportError, match="optional package diffusers: pip install diffusers"):
         load_vae("anything")
+
+
+# ========================================================================================
+# the small-scale comparison (scripts/compare.py), its smoke version
+# ========================================================================================
+def test_compare_smoke_end_to_end_and_resume(tmp_path, random_weights):
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "scripts/compare.py", "--smoke", "--data", make_data(tmp_path / "toy", n=48, size=16, channels=3, classes=2, n_val=16), "--model", "micro/4",
+           "--out", str(out), "--fid_weights", random_weights, "--inprocess"]
+    run = lambda: subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = run()
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["presets"]) == {"umd", "mae", "dit", "maskdit"}
+    for q, v in res["presets"].items():
+        nums = [v["cost"]["ms_per_image"], v["cost"]["ratio_to_dit"], v["probe"]["10"]["mean"],
+                v["probe"]["100"]["mean"], v["probe"]["100"]["std"]]
+        for g in ("1", "1.5"):
+            nums += [v["fid"][g][k] for k in ("fid", "precision", "recall", "is")]
+        assert all(isinstance(x, float) and math.isfinite(x) for x in nums), (q, nums)
+        assert v["curve"] and v["curve"][-1]["step"] == res["plan"]["pretrain_steps"]
+    assert res["presets"]["dit"]["cost"]["ratio_to_dit"] == 1.0
+    assert {"raw_pixels", "random_init_adaln", "random_init_cond_token"} <= set(res["baselines"])
+    assert "| UMD | " in r.stdout and "100-shot %" in r.stdout and "| raw pixels |" in r.stdout
+    assert (out / "samples_grid.png").is_file() and Image.open(out / "samples_grid.png").size[0] > 0
+    assert (out / "probe_vs_cost.png").is_file() or "pip install matplotlib" in r.stdout
+
+    ckpt = out / "umd" / "pretrain" / "ckpt.pt"
+    mtime = ckpt.stat().st_mtime_ns
+    r2 = run()
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    for stage in ("cost", "pretrain umd", "probe mae", "finetune dit", "sample maskdit cfg1.5", "fid ref", "fid umd cfg1"):
+        assert f"skip {stage}:" in r2.stdout
+    assert "==" not in r2.stdout and ckpt.stat().st_mtime_ns == mtime
+    assert json.loads((out / "results.json").read_text())["presets"]["umd"]["fid"] == res["presets"]["umd"]["fid"]
+    with pytest.raises(ValueError, match=r"holds a comparison with another plan \(cfg_scales \[1.0, 1.5\] -> \[1.0, 2.0\]"):
+        importlib.import_module("scripts.compare").main(cmd[2:] + ["--cfg_scale", "2"])
 
 
 # ========================================================================================

@@ -180,7 +180,9 @@ def main(argv=None):
             except OSError as e:
                 raise SystemExit(f"CIFAR-10: nothing found offline (looked for {src}) and {e}\n"
                                  f"Fetch cifar-10-python.tar.gz from {URL} yourself and run\n"
-                                 f"  python data/cifar10/prepare.py --src cifar-10-python.tar.gz") from None
+                                 f"  python data/cifar10/prepare.py --src cifar-10-python.tar.gz\n"
+                                 f"or, with a JPEG-bytes npz of the train split (val is held out of it):\n"
+                                 f"  python data/cifar10/prepare.py --src FILE.npz") from None
     read = open_batches(src)
     classes, counts = class_names(read, src), {}
     with dataset_writer(out) as tmp:
