@@ -4,22 +4,9 @@
 #       torchrun --nproc_per_node 8 data/latent/prepare.py --src data/imagenet256 --vae PATH   # -> data/imagenet256_latent
 #       (PATH: a diffusers folder of stabilityai/sd-vae-ft-ema; pip install diffusers)
 # Run:  torchrun --nnodes N --nproc_per_node 8 train.py config/latent_umd_l2.py
+exec(open("config/umd_in64.py").read())   # batch 1024, lr, 800 epochs, warmup, AdamW, evals
 out_dir = "out/latent_umd_l2"
 data_dir = "data/imagenet256_latent"
 latent = True                  # a fresh posterior sample every step, the stored flip copy, no random-resized crop
 schedule = "linear"            # the DDPM linear schedule of latent diffusion (no clipping when sampling)
 model = "L/2"                  # width 1024, encoder 24 blocks, decoder 8, 16 heads
-preset = "umd"                 # r 0.5, clean mask 0.75, noisy mask 0.375, AdaLN
-batch_size = 1024              # global; peak lr = 1.5e-4 * 1024 / 256 = 6e-4
-base_lr = 1.5e-4
-epochs = 800.0
-warmup_epochs = 40.0           # 5% of 800
-weight_decay = 0.05
-beta1, beta2 = 0.9, 0.95
-hflip = True
-ema_decay = 0.0
-log_interval = 100
-ckpt_interval = 2500
-eval_interval = 25000          # 10-shot probe on the latents' posterior means + a decoded sample grid
-eval_shots = 10
-eval_max_test = 10000
