@@ -34,9 +34,11 @@ skips the done stages ("skip ...") and resumes an interrupted training run from 
 plan.json pins the plan (counts, model, data, guidance, FID weights): another plan into the same --out is
 refused. Each stage prints an estimate before it runs (from the cost stage's measurements) and its time.
 
-Budget: --budget b multiplies the configs' pre-training and fine-tuning steps, the samples per class (50),
-the probe's test images (the configs' eval_max_test) and the FID reference images (5000); b = 1 is the full
-table. --smoke is a fixed tiny plan: batch 16, 6 + 4 steps, 2 samples per class, 10 DDIM steps.
+Budget: --budget b multiplies the configs' pre-training and fine-tuning steps and in-training probe test
+images (eval_max_test), the samples per class (30), the probe's test images (2000) and the FID reference
+images (2000); b = 1 is the full table: about 2 h on the 2-core development CPU with nothing else running
+(measured per-image costs; a busy machine is slower, and PyTorch's two threads per process then contend
+badly). --smoke is a fixed tiny plan: batch 16, 6 + 4 steps, 2 samples per class, 10 DDIM steps.
 """
 import argparse
 import importlib
@@ -69,11 +71,15 @@ PAPER = {  # Table 1: ImageNet 64x64, B/4, 800 epochs; FID, IS after the class-c
     "maskdit": dict(tpu_hours=72, shot100=26.3, fid=22.1, fid_g=19.0, is_=22.1, is_g=43.4),
     "umd": dict(tpu_hours=60, shot100=31.8, fid=23.2, fid_g=19.8, is_=20.2, is_g=63.5),
 }
-FULL = dict(samples_per_class=50, sample_steps=25, fid_ref=5000, bench_steps=10)  # budget 1, beside the configs
-SMOKE = dict(pretrain_steps=6, eval_interval=3, eval_shots=10, finetune_steps=4, batch_size=16, finetune_batch_size=16,
-             samples_per_class=2, sample_steps=10, probe_pool=200, probe_test=100, fid_ref=100, bench_steps=2)
-INCEPTION_MS = 60.0  # a guess of the Inception time per image on a 2-core CPU, until the first FID stage measured it
-START_S = 5.0        # start-up of a train.py / probe.py / sample.py process (imports, data), for the estimates
+FULL = dict(samples_per_class=30, sample_steps=25, probe_test=2000, fid_ref=2000, bench_steps=10)  # budget 1, beside
+SMOKE = dict(pretrain_steps=6, eval_interval=3, eval_shots=10, eval_test=100, finetune_steps=4,      # the configs
+             batch_size=16, finetune_batch_size=16, samples_per_class=2, sample_steps=10, probe_pool=200,
+             probe_test=100, fid_ref=100, bench_steps=2)
+# for the estimates, measured on the 2-core development CPU (the rest is measured by the cost stage):
+INCEPTION_MS = 140.0  # Inception ms per image, until this run's reference statistics measured it
+START_S = 8.0         # start-up and end of a train.py / probe.py / sample.py process (imports, data, checkpoints)
+FINETUNE_OVER_DIT = 1.1  # a fine-tuning step over DiT's pre-training step (labels, EMA)
+PROBE_OVERHEAD = 1.25  # a probe's time per image over the bare feature extraction (reading, input, noise, solver)
 
 
 class StageError(RuntimeError):
@@ -110,10 +116,10 @@ def make_plan(args):
         n = dict(pretrain_steps=scale(pre.max_steps, 2), finetune_steps=scale(ft.max_steps, 2),
                  batch_size=pre.batch_size, finetune_batch_size=ft.batch_size,
                  samples_per_class=scale(FULL["samples_per_class"], 2), sample_steps=FULL["sample_steps"],
-                 eval_shots=pre.eval_shots, probe_pool=None, probe_test=scale(pre.eval_max_test, 50),
-                 fid_ref=scale(FULL["fid_ref"], 10), bench_steps=min(FULL["bench_steps"], scale(FULL["bench_steps"], 2)))
+                 eval_shots=pre.eval_shots, eval_test=scale(pre.eval_max_test, 50), probe_pool=None,
+                 probe_test=scale(FULL["probe_test"], 50), fid_ref=scale(FULL["fid_ref"], 10), bench_steps=min(FULL["bench_steps"], scale(FULL["bench_steps"], 2)))
         n["eval_interval"] = max(1, round(n["pretrain_steps"] * pre.eval_interval / pre.max_steps))
-    n.update(probe_test=min(n["probe_test"], n_val), fid_ref=min(n["fid_ref"], n_val),
+    n.update(eval_test=min(n["eval_test"], n_val), probe_test=min(n["probe_test"], n_val), fid_ref=min(n["fid_ref"], n_val),
              num_samples=n["samples_per_class"] * K)
     weights = fid.weights_available(args.fid_weights)
     if weights is None:
@@ -123,7 +129,7 @@ def make_plan(args):
             f"or put {fid.PTH_NAME} into {os.path.join(torch.hub.get_dir(), 'checkpoints')}")
     return dict(n, budget=None if args.smoke else args.budget, smoke=args.smoke, data=args.data,
                 model=args.model or pre.model, image_size=meta["image_size"], channels=meta["channels"], num_classes=K,
-                n_train=meta["splits"]["train"], n_val=n_val,
+                n_train=meta["splits"]["train"], n_val=n_val, eval_val_images=min(pre.eval_val_images, n_val),
                 cfg_scales=[1.0, args.cfg_scale], fid_weights=os.path.abspath(weights))
 
 
@@ -216,8 +222,8 @@ class Comparison:
         return "cost.json exists" if (self.out / "cost.json").is_file() else None
 
     def cost(self):
-        """bench.py's interleaved training steps of the pre-training model and batch, and one forward of
-        a labelled model (the sampler's network evaluation) for the estimates."""
+        """bench.py's interleaved training steps of the pre-training model and batch; for the estimates, the
+        forward of a labelled model (a sampler's network evaluation) and the probe's feature extraction."""
         p = self.plan
         cfg = train.parse_config([f"--model={p['model']}", f"--image_size={p['image_size']}",
                                   f"--channels={p['channels']}", "--width=0", f"--batch_size={p['batch_size']}",
@@ -230,19 +236,22 @@ class Comparison:
         B = p["batch_size"]
         x = torch.randn(B, p["channels"], p["image_size"], p["image_size"], device=cfg.device)
         t, y = torch.full((B,), 500, device=cfg.device), torch.arange(B, device=cfg.device) % p["num_classes"]
-        times = []
+        t0_model = torch.zeros(B, dtype=torch.long, device=cfg.device)
+        calls = {"forward": lambda: model(x, t, y), "feature": lambda: model.representation(x, t0_model)}
+        times = {k: [] for k in calls}
         with torch.inference_mode():
-            for i in range(4):
-                bench.sync(cfg.device)
-                t0 = time.perf_counter()
-                model(x, t, y)
-                bench.sync(cfg.device)
-                times.append(time.perf_counter() - t0)
+            for i in range(6):  # the first round is a warm-up
+                for k, call in calls.items():
+                    bench.sync(cfg.device)
+                    t0 = time.perf_counter()
+                    call()
+                    bench.sync(cfg.device)
+                    times[k].append(time.perf_counter() - t0)
         write_json(self.out / "cost.json", {
             "presets": {k: {"ms_per_image": r["ms_median"] / B, "ms_per_step": r["ms_median"], "ms_per_step_min": r["ms_min"],
                             "ratio_to_dit": r["time_ratio_to_dit"], "flop_ratio_to_dit": r["flop_ratio_to_dit"],
                             "gflop_per_image": r["gflop_per_image"]} for k, r in res.items()},
-            "forward_ms_per_image": 1e3 * float(np.median(times[1:])) / B,
+            **{f"{k}_ms_per_image": 1e3 * float(np.median(v[1:])) / B for k, v in times.items()},
             "device": cfg.device, "dtype": cfg.dtype, "batch_size": B, "timed_steps": p["bench_steps"]})
 
     # -- estimates (seconds), from cost.json ----
@@ -250,7 +259,7 @@ class Comparison:
         c = read_json(self.out / "cost.json")
         inc = self.timings.get("fid ref")
         return ({k: v["ms_per_image"] for k, v in c["presets"].items()}, c["forward_ms_per_image"],
-                1e3 * inc / self.plan["fid_ref"] if inc else INCEPTION_MS)
+                c["feature_ms_per_image"], 1e3 * inc / self.plan["fid_ref"] if inc else INCEPTION_MS)
 
     def probe_images(self, shots=(10, 100), seeds=3):
         """About the images a probe featurizes: the shots of every seed and the test images."""
@@ -258,16 +267,17 @@ class Comparison:
         return min(p["probe_pool"] or p["n_train"], max(shots) * p["num_classes"] * seeds) + p["probe_test"]
 
     def estimate(self, kind, preset=None, guided=False):
-        train_ms, fwd_ms, inc_ms = self.rates()
+        train_ms, fwd_ms, feat_ms, inc_ms = self.rates()
         p, start = self.plan, 0 if self.args.inprocess else START_S
-        if kind == "pretrain":
+        if kind == "pretrain":  # training steps, and the evals: the probe and the val losses (two branches)
             evals = p["pretrain_steps"] // p["eval_interval"]
-            probe = evals * (min(p["eval_shots"] * p["num_classes"], p["n_train"]) + p["probe_test"])
-            return start + (p["pretrain_steps"] * p["batch_size"] * train_ms[preset] + probe * fwd_ms) / 1e3
+            probe = (min(p["eval_shots"] * p["num_classes"], p["n_train"]) + p["eval_test"]) * feat_ms * PROBE_OVERHEAD
+            return start + (p["pretrain_steps"] * p["batch_size"] * train_ms[preset]
+                            + evals * (probe + p["eval_val_images"] * 2 * fwd_ms)) / 1e3
         if kind == "probe":
-            return start + (2 if preset in BASELINES else 1) * self.probe_images() * fwd_ms / 1e3
-        if kind == "finetune":  # the fine-tuning recipes run (nearly) every token, as DiT does
-            return start + p["finetune_steps"] * p["finetune_batch_size"] * train_ms["dit"] / 1e3
+            return start + (2 if preset in BASELINES else 1) * self.probe_images() * feat_ms * PROBE_OVERHEAD / 1e3
+        if kind == "finetune":  # the fine-tuning recipes run (nearly) every token, as DiT does, and labels
+            return start + p["finetune_steps"] * p["finetune_batch_size"] * train_ms["dit"] * FINETUNE_OVER_DIT / 1e3
         if kind == "sample":  # a guided evaluation costs about two
             return start + p["num_samples"] * p["sample_steps"] * fwd_ms * (2 if guided else 1) / 1e3
         if kind == "fid ref":
@@ -285,7 +295,7 @@ class Comparison:
         run_tool("train.py", [str(ROOT / "config" / f"cifar10_{preset}.py"), f"--out_dir={d}", f"--data_dir={p['data']}",
                               f"--model={p['model']}", f"--batch_size={p['batch_size']}",
                               f"--max_steps={p['pretrain_steps']}", f"--eval_interval={p['eval_interval']}",
-                              f"--eval_shots={p['eval_shots']}", f"--eval_max_test={p['probe_test']}",
+                              f"--eval_shots={p['eval_shots']}", f"--eval_max_test={p['eval_test']}",
                               f"--log_interval={max(1, p['pretrain_steps'] // 30)}",
                               f"--ckpt_interval={max(1, p['pretrain_steps'] // 6)}"],
                  d / "train.log", self.args.inprocess)
@@ -481,7 +491,7 @@ def table(res):
     pr = lambda f: "n/a" if f["precision"] is None else f"{f['precision']:.2f} / {f['recall']:.2f}"
     shots = lambda r: [pct(r[k]) if k in r else "-" for k in ("10", "100")]
     head = ["method", "cost ms/img", "cost / DiT", "10-shot %", "100-shot %", "FID", f"FID-G ({g})", "IS",
-            f"IS-G ({g})", "P / R", f"P / R (G)"]
+            f"IS-G ({g})", "P / R", "P / R (G)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for q in PRESETS:
         r, pp = res["presets"][q], PAPER[q]
