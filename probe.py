@@ -45,16 +45,14 @@ BIAS = 100.0
 
 # ---- shots ------------------------------------------------------------------------------
 def class_permutations(labels, seed):
-    """One rng = default_rng(seed); for each class c in sorted order, rng.permutation of the
-    indices of class c. Returns {c: permuted indices}."""
+    """{c: permuted indices of class c}, classes in sorted order, all drawn from one default_rng(seed)."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     return {int(c): rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)}
 
 
 def select_shots(labels, k, seed):
-    """Indices of the first k of each class's permutation (class order); fewer, with a warning,
-    when a class has fewer than k examples."""
+    """The first k of each class's permutation (fewer, with a warning, for a class with fewer examples)."""
     if k < 1:
         raise ValueError(f"shots must be >= 1, got {k}")
     perms = class_permutations(labels, seed)
@@ -67,8 +65,7 @@ def select_shots(labels, k, seed):
 
 # ---- solver -----------------------------------------------------------------------------
 def fit_lsr(train_x, train_y, num_classes=None, form=None):
-    """Standardise, add the bias feature and decompose; `form` 'primal'/'dual' forces the form
-    (default: dual when N < D). Returns a fit to pass to `lsr_predict` with any lambda."""
+    """Standardise, add the bias feature, decompose (form: default dual when N < D) -> a fit for any lambda."""
     x = np.array(train_x, dtype=np.float64)  # a copy, standardised in place
     y = np.asarray(train_y)
     if x.ndim != 2 or len(x) != len(y):
@@ -104,16 +101,15 @@ def lsr_predict(fit, x, lam=1024.0):
     return np.argmax(x @ lsr_weights(fit, lam), axis=1)
 
 
-def fewshot_accuracy(train_x, train_y, test_x, test_y, lam=1024.0, num_classes=None, form=None):
+def fewshot_accuracy(train_x, train_y, test_x, test_y, lam=1024.0):
     """Top-1 accuracy of the big_vision closed-form probe."""
-    pred = lsr_predict(fit_lsr(train_x, train_y, num_classes, form), test_x, lam)
+    pred = lsr_predict(fit_lsr(train_x, train_y), test_x, lam)
     return float(np.mean(pred == np.asarray(test_y)))
 
 
 # ---- features ---------------------------------------------------------------------------
 def to_model_input(images, size, channels):
-    """uint8 (N, H, W, C) -> float (N, C, size, size) in [-1, 1]. Images of another size: the shorter
-    side resized to int(size * 256 / 246) (bilinear, antialiased), then the central size x size crop."""
+    """uint8 (N, H, W, C) -> float (N, C, size, size) in [-1, 1]; other sizes: the probe preprocessing."""
     x = from_uint8(images)
     if x.shape[1] != channels:
         raise ValueError(f"the data has {x.shape[1]} channel(s) but the model expects {channels}")
@@ -129,17 +125,15 @@ def to_model_input(images, size, channels):
 
 @torch.no_grad()
 def extract_features(model, images, batch_size=256, device=None, noise_t=None, abar=None,
-                     noise_seed=0, quiet=True, what="features", scheme="umd", to_input=None):
-    """`rep` of uint8 NHWC images (an array, or anything with len and slicing) -> float32 (N, width).
-    to_input(batch) -> the model's float NCHW input (default to_model_input; latent models: latent_input).
-    noise_t None: clean (t_model 0); an int t: noised as at DDPM step t by the scheme's noise_at
-    (UMD: q_sample, t_model t + 1) with eps from default_rng(noise_seed), drawn image by image in
-    order, so the result does not depend on batch_size."""
+                     quiet=True, what="features", scheme="umd", to_input=None):
+    """`rep` of uint8 NHWC images (anything with len and slicing) -> float32 (N, width); to_input(batch) -> the
+    model's float NCHW input (default to_model_input; latent models: latent_input).
+    noise_t None: clean (t_model 0); an int t: noised as at DDPM step t by the scheme's noise_at, eps from
+    default_rng(0) drawn image by image in order, so the result does not depend on batch_size."""
     c = model.config
     device = device or next(model.parameters()).device
-    rng = np.random.default_rng(noise_seed)
-    if noise_t is not None and abar is None:
-        abar = make_schedule("cosine")
+    rng = np.random.default_rng(0)
+    abar = make_schedule("cosine") if noise_t is not None and abar is None else abar
     out, t0, last = [], time.time(), time.time()
     for i in range(0, len(images), batch_size):
         batch = images[i:i + batch_size]
@@ -165,9 +159,8 @@ def default_noise_t(ckpt):
 
 
 def latent_input(ckpt, meta, vae=None, device="cpu"):
-    """The to_input of a latent checkpoint on a dataset (None for a pixel checkpoint): a latent dataset gives
-    its stored posterior means, a pixel one goes through the VAE encoder (posterior mean, no sampling); times
-    the scale (data/vae.py). vae: --vae, default what the checkpoint or the data recorded."""
+    """The to_input of a latent checkpoint on a dataset (None for a pixel checkpoint): the stored posterior
+    means of a latent dataset, or those of the VAE encoder for pixels, times the scale (data/vae.py)."""
     tc = ckpt.get("train_config") or {}
     if not tc.get("latent"):
         return None
@@ -180,24 +173,21 @@ def latent_input(ckpt, meta, vae=None, device="cpu"):
 
 # ---- the probe --------------------------------------------------------------------------
 def load_probe_data(data_dir, pool=None, max_test=None):
-    """-> (x, y, train_idx, tx, ty, test_idx, meta, test description): train images and labels,
-    the train pool's indices into them, test images and labels, the test indices, meta.json.
-    pool / max_test keep a fixed random subset (default_rng(0), sorted), so a class-sorted file
-    still has all classes."""
+    """-> (x, y, train_idx, tx, ty, test_idx, meta, test description): train and test images and labels,
+    the indices of the train pool and the test set into them. pool / max_test keep a fixed random subset
+    (default_rng(0), sorted), so a class-sorted file still has all classes."""
     from data.common import load_split  # lazy: only the probe on a data dir needs it
     x, y, meta = load_split(data_dir, "train")
     if "val" in meta["splits"]:
         tx, ty, _ = load_split(data_dir, "val")
-        test_name, train_idx = "val", np.arange(len(x))
+        test_name, train_idx, test_idx = "val", np.arange(len(x)), np.arange(len(ty))
     else:  # hold out the last 10% of train
         n_test = max(1, len(x) // 10)
-        test_name, train_idx = f"last {n_test} of train (no val split)", np.arange(len(x) - n_test)
-        tx, ty = x, y
-        test_idx = np.arange(len(x) - n_test, len(x))
+        test_name, tx, ty = f"last {n_test} of train (no val split)", x, y
+        train_idx, test_idx = np.arange(len(x) - n_test), np.arange(len(x) - n_test, len(x))
     def subset(idx, n):
         return idx if n is None or n >= len(idx) else np.sort(np.random.default_rng(0).choice(idx, n, replace=False))
-    train_idx = subset(train_idx, pool)
-    test_idx = subset(np.arange(len(ty)) if test_name == "val" else test_idx, max_test)
+    train_idx, test_idx = subset(train_idx, pool), subset(test_idx, max_test)
     if len(np.unique(y[train_idx])) < 2:
         raise ValueError(f"{data_dir}: the train pool holds fewer than 2 classes; a probe needs 2 or more")
     return x, y, train_idx, tx, ty, test_idx, meta, test_name
@@ -226,15 +216,13 @@ def run_probe(featurize, x, y, train_idx, tx, ty, test_idx, num_classes, shots, 
     test_f, test_y = featurize(Rows(tx, test_idx)), ty[test_idx]
     plans = {}  # (shots, seed) -> (fit pool positions, held-out pool positions)
     for k in shots:
-        for seed in ([0] if k == "full" else seeds):
-            if k == "full":
-                perm = np.random.default_rng(seed).permutation(len(pool_y))
-                plans[k, seed] = (np.arange(len(pool_y)), perm[: len(perm) // 10])
-            else:
-                perms = class_permutations(pool_y, seed)
-                nv = max(k, 10)
-                plans[k, seed] = (select_shots(pool_y, k, seed),
-                                  np.concatenate([p[k:k + nv] for p in perms.values()]))
+        if k == "full":  # one seed
+            perm = np.random.default_rng(0).permutation(len(pool_y))
+            plans[k, 0] = (np.arange(len(pool_y)), perm[: len(perm) // 10])
+            continue
+        for seed in seeds:
+            held_out = [p[k:k + max(k, 10)] for p in class_permutations(pool_y, seed).values()]
+            plans[k, seed] = (select_shots(pool_y, k, seed), np.concatenate(held_out))
     need = np.unique(np.concatenate([p for plan in plans.values() for p in plan[:2 if lambdas else 1]]))
     feats = featurize(Rows(x, train_idx[need]))  # only the train images used
     if len(feats) > 1 and np.ptp(feats, axis=0).max() == 0:
@@ -245,15 +233,12 @@ def run_probe(featurize, x, y, train_idx, tx, ty, test_idx, num_classes, shots, 
     F_ = lambda pos: feats[row[pos]]
     res = {}
     for (k, seed), (fit_pos, val_pos) in plans.items():
-        chosen = lam
-        if lambdas:
-            sel_pos = np.setdiff1d(fit_pos, val_pos) if k == "full" else fit_pos
-            fit = fit_lsr(F_(sel_pos), pool_y[sel_pos], num_classes)
-            if len(val_pos):
-                vf, vy = F_(val_pos), pool_y[val_pos]
-                scores = [np.mean(lsr_predict(fit, vf, l) == vy) for l in lambdas]
-                chosen = float(lambdas[int(np.argmax(scores))])  # ties: the first in the list
-        fit = fit_lsr(F_(fit_pos), pool_y[fit_pos], num_classes)
+        fit, chosen = fit_lsr(F_(fit_pos), pool_y[fit_pos], num_classes), lam
+        if lambdas and len(val_pos):  # full: chosen with a fit on the rest of the pool
+            rest = np.setdiff1d(fit_pos, val_pos)
+            sel = fit_lsr(F_(rest), pool_y[rest], num_classes) if k == "full" else fit
+            scores = [np.mean(lsr_predict(sel, F_(val_pos), l) == pool_y[val_pos]) for l in lambdas]
+            chosen = float(lambdas[int(np.argmax(scores))])  # ties: the first in the list
         acc = float(np.mean(lsr_predict(fit, test_f, chosen) == test_y))
         r = res.setdefault(str(k), {"accs": [], "lambdas": []})
         r["accs"].append(acc)
@@ -263,35 +248,28 @@ def run_probe(featurize, x, y, train_idx, tx, ty, test_idx, num_classes, shots, 
     return res
 
 
-def evaluate(model, data_dir, shots=(10,), seeds=(0,), noise_t=None, abar=None, pool=None,
-             max_test=None, device=None, batch_size=256, lam=1024.0, lambdas=None, quiet=True, scheme="umd",
-             to_input=None):
-    """Probe `model` on data_dir -> {shots: mean accuracy}. For train.py's periodic evaluation:
-    the model is put in eval mode and its train/eval mode restored afterwards."""
-    x, y, train_idx, tx, ty, test_idx, meta, _ = load_probe_data(data_dir, pool, max_test)
+def evaluate(model, data_dir, shots=(10,), seeds=(0,), noise_t=None, abar=None, max_test=None, device=None,
+             quiet=True, scheme="umd", to_input=None):
+    """{shots: mean accuracy} on data_dir for train.py's periodic eval, in eval mode (the model's mode kept)."""
+    x, y, train_idx, tx, ty, test_idx, meta, _ = load_probe_data(data_dir, None, max_test)
     was_training = model.training
     model.eval()
     try:
-        featurize = lambda im: extract_features(model, im, batch_size, device, noise_t, abar, quiet=quiet,
+        featurize = lambda im: extract_features(model, im, device=device, noise_t=noise_t, abar=abar, quiet=quiet,
                                                 scheme=scheme, to_input=to_input)
-        res = run_probe(featurize, x, y, train_idx, tx, ty, test_idx, meta["num_classes"],
-                        parse_shots(shots), seeds, lam, lambdas)
+        res = run_probe(featurize, x, y, train_idx, tx, ty, test_idx, meta["num_classes"], parse_shots(shots), seeds)
     finally:
         model.train(was_training)
     return {k: r["mean"] for k, r in res.items()}
 
 
 def parse_shots(shots):
-    out = []
-    for s in (shots.split(",") if isinstance(shots, str) else shots):
-        s = str(s).strip()
-        if s == "full":
-            out.append("full")
-            continue
-        if not s.lstrip("-").isdigit() or int(s) < 1:
+    """Shots from "1,5,full" or a sequence -> [1, 5, "full"]."""
+    out = [str(s).strip() for s in (shots.split(",") if isinstance(shots, str) else shots)]
+    for s in out:
+        if s != "full" and (not s.lstrip("-").isdigit() or int(s) < 1):
             raise ValueError(f"shots must be integers >= 1 or 'full', got {s!r}")
-        out.append(int(s))
-    return out
+    return [s if s == "full" else int(s) for s in out]
 
 
 def print_transfer_table(per, cols):
@@ -346,7 +324,8 @@ def main(argv=None):
     if a.ema and ckpt.get("ema") is None:
         warnings.warn(f"{a.ckpt} has no EMA weights; using the raw weights")
     noise_t = default_noise_t(ckpt) if a.noise_t is None else (None if a.noise_t < 0 else a.noise_t)
-    abar = make_schedule((ckpt.get("train_config") or {}).get("schedule", "cosine"))
+    tc = ckpt.get("train_config") or {}
+    abar = make_schedule(tc.get("schedule", "cosine"))
     dirs = [d.strip() for d in a.data.split(",") if d.strip()]
     if not dirs:
         raise ValueError(f"--data needs a data dir (or a comma list of them), got {a.data!r}")
@@ -356,9 +335,9 @@ def main(argv=None):
     for n, d in zip(names, dirs):
         data[n] = (d, load_probe_data(d, a.pool, a.max_test))
         c = data[n][1][6]["channels"]  # meta.json's
-        if c != model.config.channels and not (ckpt.get("train_config") or {}).get("latent"):
+        if c != model.config.channels and not tc.get("latent"):
             raise ValueError(f"{d} holds {c}-channel images but {a.ckpt} takes {model.config.channels} channel(s)")
-    name = (ckpt.get("train_config") or {}).get("preset") or "ckpt"
+    name = tc.get("preset") or "ckpt"
     log = (lambda *m: None) if a.quiet else (lambda *m: print(*m, file=sys.stderr))
     log(f"probe: {a.ckpt} (step {ckpt.get('step')}, {name}, {'EMA' if a.ema else 'raw'} weights, "
         f"{'clean' if noise_t is None else f'noised at t={noise_t}'})")
@@ -374,8 +353,7 @@ def main(argv=None):
         for key, m in models.items():
             log(f"[{key}]")
             if m is None:  # raw pixels at the model's size, in [-1, 1] (latent models: the latents)
-                c = model.config
-                raw = to_input or (lambda b: to_model_input(b, c.image_size, c.channels))
+                raw = to_input or (lambda b: to_model_input(b, model.config.image_size, model.config.channels))
                 feat = lambda im: np.concatenate([raw(im[i:i + a.batch_size])
                                                   .flatten(1).numpy() for i in range(0, len(im), a.batch_size)])
             else:

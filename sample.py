@@ -67,15 +67,12 @@ def ddim_sample(denoise, x, abar, steps, eta=1.0, clip=True, eps_from="eps", noi
 
     def predict(x, t):
         a = ab[t]
-        x0_pred, eps_pred = denoise(x, torch.full((x.shape[0],), t + 1, dtype=torch.long, device=x.device))
+        x0, eps = denoise(x, torch.full((x.shape[0],), t + 1, dtype=torch.long, device=x.device))
         if eps_from == "eps":
-            eps = eps_pred
             x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
-        else:  # eps derived from the x0 head, so x0_hat is the x0 head's output
-            x0 = x0_pred
-            eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
         if clip:
             x0 = x0.clamp(-1, 1)
+        if clip or eps_from == "x0":  # eps derived from x0_hat: the x0 head's output, or the clipped one
             eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
         return x0, eps
 
@@ -90,12 +87,8 @@ def ddim_sample(denoise, x, abar, steps, eta=1.0, clip=True, eps_from="eps", noi
 
 
 # ---- flow matching (corrupt.flow_loss) ------------------------------------------------------
-FLOW_SAMPLERS = ("heun", "euler", "sde")
-
-
 def pick_sampler(scheme, sampler=None):
-    """The sampler for a checkpoint of `scheme` (ckpt.get("scheme"); None: UMD): `sampler` if it is
-    one of the scheme's (corrupt.Scheme.samplers), else an error; None: the scheme's default."""
+    """`sampler`, or by default the first of corrupt.Scheme.samplers, for a checkpoint of `scheme` (None: UMD)."""
     fits = SCHEMES[scheme or "umd"].samplers if (scheme or "umd") in SCHEMES else ()
     if not fits or sampler not in (None, *fits):
         raise ValueError(f"sampler {sampler!r} does not fit a checkpoint of scheme {scheme!r}: its samplers are "
@@ -104,8 +97,8 @@ def pick_sampler(scheme, sampler=None):
 
 
 def check_flow(method, steps):
-    if method not in FLOW_SAMPLERS:
-        raise ValueError(f"flow sampler must be one of {FLOW_SAMPLERS}, got {method!r}")
+    if method not in SCHEMES["flow"].samplers:
+        raise ValueError(f"flow sampler must be one of {SCHEMES['flow'].samplers}, got {method!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
 
@@ -137,8 +130,7 @@ def flow_sample(denoise, x, steps, method="heun", noise_fn=None):
 
 
 class SampleNoise:
-    """Noise for the images `indices`: one CPU generator per image, seeded from (seed, i).
-    Each call returns the next (n, *shape) standard normal draw, moved to `device`."""
+    """Per-image noise: one CPU generator per image of `indices`, seeded from (seed, i); a call -> (n, *shape)."""
 
     def __init__(self, indices, seed, shape, device="cpu"):
         self.gens = [torch.Generator().manual_seed(seed_of(seed, i)) for i in indices]
@@ -202,19 +194,15 @@ def fmt_time(s):
 def sample_images(model, abar, n, steps=250, cfg_scale=1.0, eta=1.0, seed=0, labels=None, uncond=False,
                   batch_size=64, device=None, clip=True, eps_from="eps", autocast_dtype=None,
                   rank=0, world_size=1, progress=False, sampler="ddim"):
-    """Sample images rank, rank + world_size, ... < n (all n by default), in index order, with
-    `sampler`: "ddim" (UMD checkpoints; eta, clip, eps_from are its) or a flow one (pick_sampler).
-    -> (samples, labels): samples uint8 (m, H, W, C), or with clip=False (latent models) raw
-    float32 latents (m, H, W, C); labels int64 (m,), or None when sampling unconditionally.
-    labels: None = balanced (i % num_classes) on a model with labels, or a list of class ids
-    (image i gets labels[i % len(labels)]). uncond=True (or a model without labels): null label."""
+    """Images rank, rank + world_size, ... < n, in index order, by `sampler` ("ddim": eta, clip and eps_from
+    are its; or a flow one) -> (uint8 (m, H, W, C) or, with clip=False, float32 latents; int64 labels (m,) or
+    None). labels: None = balanced or class ids (make_labels); uncond (or a model without labels): null label."""
     c, K = model.config, model.config.num_classes
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of samples must be a positive integer, got {n!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    for name, value, low in (("batch_size", batch_size, 1), ("seed", seed, 0)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
     ddim_timesteps(steps, len(abar)) if sampler == "ddim" else check_flow(sampler, steps)
     if K == 0 or uncond:
         why = "this model has no labels (trained without them)" if K == 0 else "sampling is unconditional"
@@ -223,9 +211,7 @@ def sample_images(model, abar, n, steps=250, cfg_scale=1.0, eta=1.0, seed=0, lab
                              "use cfg_scale 1")
         if labels is not None:
             raise ValueError(f"labels were given but {why}")
-        all_labels = None
-    else:
-        all_labels = make_labels(n, K, labels)
+    all_labels = None if K == 0 or uncond else make_labels(n, K, labels)
     device = device or next(model.parameters()).device
     indices = np.arange(rank, n, world_size)
     shape = (c.channels, c.image_size, c.image_size)
@@ -295,10 +281,9 @@ def grid_images(images, labels=None, ncols=8, max_rows=10):
 @torch.inference_mode()
 @in_eval_mode
 def reconstruct(model, images, mask_ratio=0.75, seed=0):
-    """Clean branch (t_model 0, null label) on uint8 NHWC images with a seeded random mask.
-    -> (masked input with masked patches grey, reconstruction with the visible patches pasted
-    back from the original as MAE shows it; the raw output when mask_ratio is 0), uint8 NHWC.
-    Float NHWC latents in give float latents out (masked patches 0)."""
+    """Clean branch (t_model 0, null label) with a seeded random mask on uint8 NHWC images (or float latents)
+    -> (masked input, masked patches 0 = grey; reconstruction with the visible patches pasted back from the
+    original as MAE shows it, the raw output when mask_ratio is 0), uint8 NHWC (latents: float)."""
     if not 0 <= mask_ratio < 1:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     c, L = model.config, model.num_tokens
@@ -318,14 +303,12 @@ def reconstruct(model, images, mask_ratio=0.75, seed=0):
     pix = pixel_mask(mask.to(device).float(), c.image_size).bool()
     masked = torch.where(pix, torch.zeros_like(x), x)
     recon = torch.where(pix, pred.float(), x) if keep < L else pred.float()
-    if latent:
-        return masked.permute(0, 2, 3, 1).cpu().numpy(), recon.permute(0, 2, 3, 1).cpu().numpy()
-    return to_uint8(masked), to_uint8(recon)
+    nhwc = (lambda z: z.permute(0, 2, 3, 1).cpu().numpy()) if latent else to_uint8
+    return nhwc(masked), nhwc(recon)
 
 
 def save_reconstructions(model, images, path, mask_ratio=0.75, seed=0, decode=None):
-    """PNG with one row per image: original | masked input | reconstruction (each through decode, for
-    latents: latents -> uint8 images)."""
+    """PNG with one row per image: original | masked input | reconstruction (each through decode, if given)."""
     columns = [np.asarray(images), *reconstruct(model, images, mask_ratio, seed)]
     columns = [decode(c) for c in columns] if decode else columns
     rows = np.stack(columns, axis=1).reshape(-1, *columns[0].shape[1:])
@@ -373,8 +356,8 @@ def check_output(path):
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot write {path}: {parent} cannot be made ({e.strerror})") from None
-    if not parent.is_dir() or Path(path).is_dir():
-        raise ValueError(f"cannot write {path}: {parent if not parent.is_dir() else path} is not a file path")
+    if Path(path).is_dir():  # (mkdir has made sure that parent is a folder)
+        raise ValueError(f"cannot write {path}: {path} is not a file path")
 
 
 def check_args(args):
