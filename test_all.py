@@ -2712,6 +2712,20 @@ def test_compare_smoke_end_to_end_and_resume(tmp_path, random_weights):
     with pytest.raises(ValueError, match=r"holds a comparison with another plan \(cfg_scales \[1.0, 1.5\] -> \[1.0, 2.0\]"):
         importlib.import_module("scripts.compare").main(cmd[2:] + ["--cfg_scale", "2"])
 
+    # a tuning round: another lr for every preset, pre-training and probe only
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    shutil.copy(out / "cost.json", tuned / "cost.json")  # the same model and batch: its cost stage is done
+    argv = cmd[2:]
+    argv[argv.index("--out") + 1] = str(tuned)
+    res = importlib.import_module("scripts.compare").main(argv + ["--base_lr", "7e-4", "--until", "probe"])
+    assert res["plan"]["base_lr"] == 7e-4 and not list(tuned.glob("*/finetune"))
+    for q in ("umd", "dit"):
+        assert torch.load(tuned / q / "pretrain" / "ckpt.pt", weights_only=False)["train_config"]["base_lr"] == 7e-4
+        assert res["presets"][q]["fid"] == {} and res["presets"][q]["probe"]["100"]["mean"] >= 0
+    umd_row = next(line for line in (tuned / "table.md").read_text().splitlines() if line.startswith("| UMD |"))
+    assert umd_row.split(" | ")[5:7] == ["- [23.2]", "- [19.8]"] and "at base_lr 0.0007" in (tuned / "table.md").read_text()
+
 
 # ========================================================================================
 # reliability: kills, faults, bad input

