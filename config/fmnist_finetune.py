@@ -1,5 +1,5 @@
 # Quick start, part 2: class-conditional fine-tuning of config/fmnist_umd.py's checkpoint on a CPU
-# (3-6 minutes on 2 cores). Fresh label table, optimizer and schedule; EMA from the weights.
+# (3-7 minutes on 2 cores). Fresh label table, optimizer and schedule; EMA from the weights.
 #   python train.py config/fmnist_finetune.py
 out_dir = "out/fmnist_finetune"
 data_dir = "data/fashion_mnist"
@@ -9,7 +9,7 @@ labels = True
 batch_size = 64
 lr = 5e-4                      # peak lr as is (the paper: 1.5e-4 over 50 epochs)
 max_steps = 240
-warmup_frac = 0.04
+warmup_frac = 0.05
 weight_decay = 0.0
 beta1, beta2 = 0.9, 0.999
 crop_area_min = 0.95
