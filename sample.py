@@ -250,11 +250,8 @@ def gather_samples(local, n, rank, world_size, device):
 
 
 # ---- pictures -----------------------------------------------------------------------------
-def save_grid(images, path, ncols=8, pad=2):
-    """uint8 (N, H, W, C) with C 1 (saved as 'L') or 3 -> one PNG, ncols per row."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) or len(images) == 0:
-        raise ValueError(f"save_grid needs uint8 images (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
+def tile(images, ncols=8, pad=2):
+    """uint8 (N, H, W, C) -> one (rows, cols, C) uint8 canvas, ncols per row, white padding."""
     n, h, w, c = images.shape
     ncols = min(ncols, n)
     nrows = -(-n // ncols)
@@ -262,8 +259,17 @@ def save_grid(images, path, ncols=8, pad=2):
     for i, img in enumerate(images):
         r, col = divmod(i, ncols)
         canvas[pad + r * (h + pad):(r + 1) * (h + pad), pad + col * (w + pad):(col + 1) * (w + pad)] = img
+    return canvas
+
+
+def save_grid(images, path, ncols=8):
+    """uint8 (N, H, W, C) with C 1 (saved as 'L') or 3 -> one PNG, ncols per row."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) or len(images) == 0:
+        raise ValueError(f"save_grid needs uint8 images (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
+    canvas = tile(images, ncols)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(f, format="PNG"))
+    atomic_write(path, lambda f: Image.fromarray(canvas[..., 0] if canvas.shape[2] == 1 else canvas).save(f, format="PNG"))
     return path
 
 

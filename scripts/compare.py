@@ -60,6 +60,7 @@ import torch  # noqa: E402
 
 import bench  # noqa: E402
 import fid  # noqa: E402
+import sample  # noqa: E402
 import train  # noqa: E402
 from data.common import atomic_write, load_meta, load_split  # noqa: E402
 from model import UMD, ModelConfig  # noqa: E402
@@ -86,11 +87,6 @@ PROBE_OVERHEAD = 1.25  # a probe's time per image over the bare feature extracti
 
 class StageError(RuntimeError):
     pass
-
-
-def fmt_time(s):
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def read_json(path):
@@ -210,7 +206,7 @@ class Comparison:
             self.say(f"skip {name}: {why}")
             return
         guess = estimate() if estimate else None
-        self.say(f"== {name}" + (f": estimate {fmt_time(guess)}" if guess is not None else ""))
+        self.say(f"== {name}" + (f": estimate {sample.fmt_time(guess)}" if guess is not None else ""))
         t0 = time.time()
         run()
         took = time.time() - t0
@@ -218,7 +214,7 @@ class Comparison:
             raise StageError(f"{name} ended without its complete output; rerun the same command to resume")
         self.timings[name] = round(took, 1)
         write_json(self.timings_path, self.timings)
-        self.say(f"== {name}: done in {fmt_time(took)}" + (f" (estimate {fmt_time(guess)})" if guess else ""))
+        self.say(f"== {name}: done in {sample.fmt_time(took)}" + (f" (estimate {sample.fmt_time(guess)})" if guess else ""))
 
     # -- cost ----
     def cost_done(self):
@@ -443,7 +439,7 @@ class Comparison:
         todo = [(name, est) for name, done, _, est in stages if not done()]
         if todo:
             self.say(f"estimate of the {len(todo)} stages to run, from the measured costs: "
-                     f"{fmt_time(sum(est() for _, est in todo))}")
+                     f"{sample.fmt_time(sum(est() for _, est in todo))}")
         for name, done, run, est in stages:
             self.stage(name, done, run, est)
         return report(self)
@@ -529,28 +525,16 @@ def table(res):
     return "\n".join(lines)
 
 
-def tile(images, ncols, pad=2):
-    """uint8 (N, H, W, C) -> one RGB array, ncols per row, white padding."""
-    n, h, w, ch = images.shape
-    nrows = -(-n // ncols)
-    canvas = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, ncols)
-        canvas[pad + r * (h + pad):(r + 1) * (h + pad), pad + col * (w + pad):(col + 1) * (w + pad)] = img
-    return canvas
-
-
 def sample_grid(c, path, max_cols=6):
     """The guided samples of every preset side by side: per preset a block of one row per class (the same
     labels and noise in every block), its name above it."""
     from PIL import Image, ImageDraw
-    import sample
     g, cols = c.plan["cfg_scales"][1], min(max_cols, c.plan["samples_per_class"])
     blocks = []
     for q in PRESETS:
         with np.load(c.samples_path(q, g)) as d:
             x, y = d["arr_0"], d["arr_1"]
-        blocks.append(tile(sample.grid_images(x, y, cols), cols))
+        blocks.append(np.repeat(sample.tile(sample.grid_images(x, y, cols), cols), 3 // x.shape[3], axis=2))
     title, gap = 14, 8
     width = max(max(b.shape[1] for b in blocks), 48)
     canvas = Image.new("RGB", (len(blocks) * (width + gap) - gap, title + max(b.shape[0] for b in blocks)), "white")
