@@ -66,6 +66,7 @@ from data.common import atomic_write, load_meta, load_split  # noqa: E402
 from model import UMD, ModelConfig  # noqa: E402
 
 PRESETS = ("mae", "dit", "maskdit", "umd")  # the paper's row order
+STAGES = ("pretrain", "probe", "finetune", "sample", "fid")  # the kinds of stage, in the order they run
 NAMES = {"mae": "MAE", "dit": "DiT", "maskdit": "MaskDiT", "umd": "UMD"}
 BASELINES = ("umd", "mae")  # presets whose probe also runs raw pixels and a random init of their architecture
 PAPER = {  # Table 1: ImageNet 64x64, B/4, 800 epochs; FID, IS after the class-conditional fine-tune (-G: guided)
@@ -434,8 +435,8 @@ class Comparison:
                  f"DDIM steps, cfg {' and '.join(f'{g:g}' for g in p['cfg_scales'])}), probe on {p['probe_test']} val "
                  f"images, FID against {p['fid_ref']}")
         self.stage("cost", self.cost_done, self.cost)
-        kinds = ("pretrain", "probe", "finetune", "sample", "fid")
-        stages = [s for s in self.stages() if kinds.index(s[0].split()[0]) <= kinds.index(self.args.until)]
+        last = STAGES.index(self.args.until)
+        stages = [s for s in self.stages() if STAGES.index(s[0].split()[0]) <= last]  # name: "<kind> ..."
         todo = [(name, est) for name, done, _, est in stages if not done()]
         if todo:
             self.say(f"estimate of the {len(todo)} stages to run, from the measured costs: "
@@ -536,7 +537,8 @@ def sample_grid(c, path, max_cols=6):
     for q in PRESETS:
         with np.load(c.samples_path(q, g)) as d:
             x, y = d["arr_0"], d["arr_1"]
-        blocks.append(np.repeat(sample.tile(sample.grid_images(x, y, cols), cols), 3 // x.shape[3], axis=2))
+        block = sample.tile(sample.grid_images(x, y, cols), cols)
+        blocks.append(block.repeat(3, axis=2) if block.shape[2] == 1 else block)  # gray -> RGB
     title, gap = 14, 8
     width = max(max(b.shape[1] for b in blocks), 48)
     canvas = Image.new("RGB", (len(blocks) * (width + gap) - gap, title + max(b.shape[0] for b in blocks)), "white")
@@ -607,7 +609,7 @@ def parse_args(argv=None):
     p.add_argument("--fid_weights", default=None, help="Inception weights for fid.py (default: what fid.py finds)")
     p.add_argument("--base_lr", type=float, default=None,
                    help="base lr of every preset's pre-training (default: the configs'); pinned in plan.json")
-    p.add_argument("--until", default="fid", choices=("probe", "finetune", "sample", "fid"),
+    p.add_argument("--until", default="fid", choices=STAGES[1:],
                    help="run the stages up to this one (default: all); the table shows '-' for the rest")
     p.add_argument("--inprocess", action="store_true",
                    help="run train.py, probe.py, sample.py in this process (no start-up per stage; for tests)")
