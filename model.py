@@ -13,7 +13,8 @@ The layout and initialisation follow the paper (Sec. 4 and its appendix) and the
 where those are silent the choice is DiT's or MAE's and is said in a comment.
 """
 import math
-from dataclasses import dataclass, asdict
+import functools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -56,9 +57,6 @@ class ModelConfig:
         width, depth, dec_depth, heads = VARIANTS[variant]
         fields = dict(width=width, depth=depth, dec_depth=dec_depth, heads=heads, patch_size=int(patch))
         return cls(**{**fields, **overrides})
-
-    def to_dict(self):
-        return asdict(self)
 
 
 def modulate(x, shift, scale):
@@ -419,6 +417,19 @@ def load_resized(model, state_dict):
     weights, resized = resize_pos_tables(state_dict, model.config.image_size // model.config.patch_size)
     model.load_state_dict(weights)
     return resized
+
+
+def in_eval_mode(fn):
+    """Run fn(model, ...) in eval mode (no label dropout), then give the model its mode back."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+    return wrapper
 
 
 def from_uint8(images):

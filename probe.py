@@ -5,24 +5,21 @@ Few-shot linear probe of the encoder's `rep` (the paper's Sec. 5.1), the big_vis
     python probe.py --ckpt out/ckpt.pt --data data/fashion_mnist --shots full --max_test 2000
     python probe.py --ckpt out/ckpt.pt --data data/cifar100,data/dtd,data/pets --shots 1,5,10,25
 
-For each k in --shots and each seed: take k train images per class, fit a closed-form ridge
-regression from features to 2*onehot-1 targets, report top-1 accuracy on the test split (val, or
-the last 10% of train when there is no val split). The same probe also runs on a randomly
-initialised model of the same config and on raw pixels, to show what pre-training bought.
-Prints a table (mean +- std over seeds) and writes json. train.py calls `evaluate` directly.
+For each k in --shots and each seed: take k train images per class, fit a closed-form ridge regression from
+features to 2*onehot-1 targets, report top-1 accuracy on the test split (val, or the last 10% of train when there
+is no val split). The same probe also runs on a randomly initialised model of the same config and on raw pixels,
+to show what pre-training bought. Prints a table (mean +- std over seeds) and writes json; train.py calls `evaluate`.
 
-Transfer (the paper's Figure 2): --data takes a comma list of prepared data dirs (data/<name>/prepare.py
-makes cifar100, stl10, flowers102, dtd, pets, food101, stanford_dogs). One dir: a row per shots value and the
-json's "results" as always. Several: one table with a row per dataset, and the json holds
-"datasets": {name: {"data", "test", "n_pool", "n_test", "results"}} (name: the dir's base name, or the
-dir as given when two share one), "results" as for one dir. Images of another size than the model's
-go through the probe preprocessing of the issue: the shorter side resized to int(size * 256 / 246)
-(bilinear, antialiased), then the central size x size crop; the raw-pixel baseline sees the same input.
+Transfer (the paper's Figure 2): --data takes a comma list of prepared data dirs (data/<name>/prepare.py makes
+cifar100, stl10, flowers102, dtd, pets, food101, stanford_dogs). One dir: a row per shots value and the json's
+"results" as always. Several: a row per dataset, and the json holds "datasets": {name: {"data", "test", "n_pool",
+"n_test", "results"}} ("results" as for one dir; name: the dir's base name, or the dir as given when two share one).
+Images of another size than the model's go through the probe preprocessing: the shorter side resized to
+int(size * 256 / 246) (bilinear, antialiased), then the central size x size crop; the raw-pixel baseline sees the same.
 
-The solver, exactly as big_vision: standardise with the mean/std of the train shots (std + 1e-5,
-the same stats for test), append a constant feature 100, ridge with lambda 1024 (the bias column
-is regularised too), via an eigendecomposition of X^T X (N >= D) or of X X^T (N < D, dual form),
-so a sweep over lambdas costs one decomposition.
+The solver, exactly as big_vision: standardise with the mean/std of the train shots (std + 1e-5, the same stats for
+test), append a constant feature 100, ridge with lambda 1024 (the bias column is regularised too), via an
+eigendecomposition of X^T X (N >= D) or of X X^T (N < D, dual form), so a sweep over lambdas costs one decomposition.
 """
 import argparse
 import json
@@ -37,7 +34,7 @@ import torch.nn.functional as F
 
 from corrupt import SCHEMES, T, make_schedule
 from data.common import atomic_write
-from model import UMD, ModelConfig, from_uint8, load_checkpoint
+from model import UMD, ModelConfig, from_uint8, in_eval_mode, load_checkpoint
 
 NOISE_T = 50  # models pre-trained without clean samples (dit, maskdit) are probed at t = 50
 BIAS = 100.0
@@ -66,7 +63,7 @@ def select_shots(labels, k, seed):
 # ---- solver -----------------------------------------------------------------------------
 def fit_lsr(train_x, train_y, num_classes=None, form=None):
     """Standardise, add the bias feature, decompose (form: default dual when N < D) -> a fit for any lambda."""
-    x = np.array(train_x, dtype=np.float64)  # a copy, standardised in place
+    x = np.asarray(train_x, dtype=np.float64)
     y = np.asarray(train_y)
     if x.ndim != 2 or len(x) != len(y):
         raise ValueError(f"features must be (N, D) with N labels, got {x.shape} and {y.shape}")
@@ -74,9 +71,7 @@ def fit_lsr(train_x, train_y, num_classes=None, form=None):
         raise ValueError(f"a linear probe needs at least 2 classes, the train shots hold {len(np.unique(y))}")
     num_classes = int(y.max()) + 1 if num_classes is None else num_classes
     mean, std = x.mean(0, keepdims=True), x.std(0, keepdims=True) + 1e-5
-    x -= mean
-    x /= std
-    x = np.concatenate([x, np.full((len(x), 1), BIAS)], axis=1)
+    x = np.concatenate([(x - mean) / std, np.full((len(x), 1), BIAS)], axis=1)
     targets = 2.0 * np.eye(num_classes)[y] - 1.0
     n, d = x.shape
     form = form or ("dual" if n < d else "primal")
@@ -103,8 +98,7 @@ def lsr_predict(fit, x, lam=1024.0):
 
 def fewshot_accuracy(train_x, train_y, test_x, test_y, lam=1024.0):
     """Top-1 accuracy of the big_vision closed-form probe."""
-    pred = lsr_predict(fit_lsr(train_x, train_y), test_x, lam)
-    return float(np.mean(pred == np.asarray(test_y)))
+    return float(np.mean(lsr_predict(fit_lsr(train_x, train_y), test_x, lam) == np.asarray(test_y)))
 
 
 # ---- features ---------------------------------------------------------------------------
@@ -126,10 +120,9 @@ def to_model_input(images, size, channels):
 @torch.no_grad()
 def extract_features(model, images, batch_size=256, device=None, noise_t=None, abar=None,
                      quiet=True, what="features", scheme="umd", to_input=None):
-    """`rep` of uint8 NHWC images (anything with len and slicing) -> float32 (N, width); to_input(batch) -> the
-    model's float NCHW input (default to_model_input; latent models: latent_input).
-    noise_t None: clean (t_model 0); an int t: noised as at DDPM step t by the scheme's noise_at, eps from
-    default_rng(0) drawn image by image in order, so the result does not depend on batch_size."""
+    """`rep` of uint8 NHWC images (anything with len and slicing) -> float32 (N, width); to_input(batch): the model's
+    float NCHW input (default to_model_input; latent models: latent_input). noise_t None: clean (t_model 0); an int t:
+    noised at DDPM step t by the scheme's noise_at, eps from default_rng(0) image by image (batch_size-independent)."""
     c = model.config
     device = device or next(model.parameters()).device
     rng = np.random.default_rng(0)
@@ -144,16 +137,15 @@ def extract_features(model, images, batch_size=256, device=None, noise_t=None, a
             t = torch.full((len(x),), noise_t, dtype=torch.long, device=device)
             x, t_model = SCHEMES.get(scheme, SCHEMES["umd"]).noise_at(x, t, eps, abar)
         out.append(model.representation(x, t_model).float().cpu().numpy())
-        if not quiet and (time.time() - last > 5 or i + batch_size >= len(images)):
+        done = min(i + batch_size, len(images))
+        if not quiet and (time.time() - last > 5 or done == len(images)):
             last = time.time()
-            print(f"  {what}: {min(i + batch_size, len(images))}/{len(images)} images, "
-                  f"{min(i + batch_size, len(images)) / (last - t0):.0f} img/s", file=sys.stderr)
+            print(f"  {what}: {done}/{len(images)} images, {done / (last - t0):.0f} img/s", file=sys.stderr)
     return np.concatenate(out).astype(np.float32)
 
 
 def default_noise_t(ckpt):
-    """NOISE_T for models pre-trained without clean samples (dit, maskdit; also after their
-    fine-tuning, whatever its recipe), else None (clean input)."""
+    """NOISE_T for models pre-trained without clean samples, also after their fine-tuning (any recipe), else None."""
     knobs = ckpt.get("pretrain_knobs") or ckpt.get("knobs") or {}
     return NOISE_T if knobs.get("no_noise_prob", 1) == 0 else None
 
@@ -165,9 +157,7 @@ def latent_input(ckpt, meta, vae=None, device="cpu"):
     if not tc.get("latent"):
         return None
     from data import vae as V
-    path, scale = V.recorded(tc, meta, vae)
-    enc = None if "latent" in meta else V.load_vae(path, device)
-    scale = scale or V.describe(enc, path)["scale"]
+    enc, scale = V.checkpoint_vae(tc, meta, vae, device, load="latent" not in meta)
     return V.model_input(meta, scale, enc, ckpt["model_config"]["image_size"])
 
 
@@ -206,12 +196,10 @@ class Rows:
         return self.array[self.idx[s]]
 
 
-def run_probe(featurize, x, y, train_idx, tx, ty, test_idx, num_classes, shots, seeds,
-              lam=1024.0, lambdas=None):
-    """featurize(images) -> features. Returns {shots: {"accs", "mean", "std", "lambdas"}}.
-    With `lambdas`, lambda is chosen per (shots, seed) on held-out train shots: the fit uses the
-    first k of each class's permutation, the choice the next max(k, 10) (full: a seeded 90/10
-    split of the pool, then a refit on all of it with the chosen lambda)."""
+def run_probe(featurize, x, y, train_idx, tx, ty, test_idx, num_classes, shots, seeds, lam=1024.0, lambdas=None):
+    """featurize(images) -> features. Returns {shots: {"accs", "mean", "std", "lambdas"}}. With `lambdas`, lambda is
+    chosen per (shots, seed) on held-out train shots: the fit uses the first k of each class's permutation, the
+    choice the next max(k, 10) (full: chosen on a seeded 90/10 split of the pool, then refit on all of it)."""
     pool_y = y[train_idx]
     test_f, test_y = featurize(Rows(tx, test_idx)), ty[test_idx]
     plans = {}  # (shots, seed) -> (fit pool positions, held-out pool positions)
@@ -228,9 +216,7 @@ def run_probe(featurize, x, y, train_idx, tx, ty, test_idx, num_classes, shots, 
     if len(feats) > 1 and np.ptp(feats, axis=0).max() == 0:
         warnings.warn("the features are the same for every image: the probe is at chance level "
                       "(e.g. a freshly initialised AdaLN-Zero model, whose CLS output is constant)")
-    row = np.zeros(len(pool_y), dtype=np.int64)
-    row[need] = np.arange(len(need))
-    F_ = lambda pos: feats[row[pos]]
+    F_ = lambda pos: feats[np.searchsorted(need, pos)]  # the features of pool positions (all in the sorted need)
     res = {}
     for (k, seed), (fit_pos, val_pos) in plans.items():
         fit, chosen = fit_lsr(F_(fit_pos), pool_y[fit_pos], num_classes), lam
@@ -239,27 +225,22 @@ def run_probe(featurize, x, y, train_idx, tx, ty, test_idx, num_classes, shots, 
             sel = fit_lsr(F_(rest), pool_y[rest], num_classes) if k == "full" else fit
             scores = [np.mean(lsr_predict(sel, F_(val_pos), l) == pool_y[val_pos]) for l in lambdas]
             chosen = float(lambdas[int(np.argmax(scores))])  # ties: the first in the list
-        acc = float(np.mean(lsr_predict(fit, test_f, chosen) == test_y))
         r = res.setdefault(str(k), {"accs": [], "lambdas": []})
-        r["accs"].append(acc)
+        r["accs"].append(float(np.mean(lsr_predict(fit, test_f, chosen) == test_y)))
         r["lambdas"].append(chosen)
     for r in res.values():
         r["mean"], r["std"] = float(np.mean(r["accs"])), float(np.std(r["accs"]))
     return res
 
 
+@in_eval_mode
 def evaluate(model, data_dir, shots=(10,), seeds=(0,), noise_t=None, abar=None, max_test=None, device=None,
              quiet=True, scheme="umd", to_input=None):
     """{shots: mean accuracy} on data_dir for train.py's periodic eval, in eval mode (the model's mode kept)."""
     x, y, train_idx, tx, ty, test_idx, meta, _ = load_probe_data(data_dir, None, max_test)
-    was_training = model.training
-    model.eval()
-    try:
-        featurize = lambda im: extract_features(model, im, device=device, noise_t=noise_t, abar=abar, quiet=quiet,
-                                                scheme=scheme, to_input=to_input)
-        res = run_probe(featurize, x, y, train_idx, tx, ty, test_idx, meta["num_classes"], parse_shots(shots), seeds)
-    finally:
-        model.train(was_training)
+    featurize = lambda im: extract_features(model, im, device=device, noise_t=noise_t, abar=abar, quiet=quiet,
+                                            scheme=scheme, to_input=to_input)
+    res = run_probe(featurize, x, y, train_idx, tx, ty, test_idx, meta["num_classes"], parse_shots(shots), seeds)
     return {k: r["mean"] for k, r in res.items()}
 
 
@@ -314,9 +295,9 @@ def main(argv=None):
     except ValueError:
         raise ValueError(f"--seeds must be comma-separated integers and --lambdas numbers; got {a.seeds!r}, "
                          f"{a.lambdas!r}") from None
-    for key, low in (("batch_size", 1), ("pool", 1), ("max_test", 1)):
-        if getattr(a, key) is not None and getattr(a, key) < low:
-            raise ValueError(f"--{key} must be >= {low}, got {getattr(a, key)}")
+    for key in ("batch_size", "pool", "max_test"):
+        if getattr(a, key) is not None and getattr(a, key) < 1:
+            raise ValueError(f"--{key} must be >= 1, got {getattr(a, key)}")
     if a.noise_t is not None and a.noise_t >= T:
         raise ValueError(f"--noise_t must be < T = {T} (or -1: clean), got {a.noise_t}")
     t0 = time.time()
@@ -326,6 +307,7 @@ def main(argv=None):
     noise_t = default_noise_t(ckpt) if a.noise_t is None else (None if a.noise_t < 0 else a.noise_t)
     tc = ckpt.get("train_config") or {}
     abar = make_schedule(tc.get("schedule", "cosine"))
+    scheme = ckpt.get("scheme") or "umd"
     dirs = [d.strip() for d in a.data.split(",") if d.strip()]
     if not dirs:
         raise ValueError(f"--data needs a data dir (or a comma list of them), got {a.data!r}")
@@ -354,17 +336,17 @@ def main(argv=None):
             log(f"[{key}]")
             if m is None:  # raw pixels at the model's size, in [-1, 1] (latent models: the latents)
                 raw = to_input or (lambda b: to_model_input(b, model.config.image_size, model.config.channels))
-                feat = lambda im: np.concatenate([raw(im[i:i + a.batch_size])
-                                                  .flatten(1).numpy() for i in range(0, len(im), a.batch_size)])
+                feat = lambda im: np.concatenate([raw(im[i:i + a.batch_size]).flatten(1).numpy()
+                                                  for i in range(0, len(im), a.batch_size)])
             else:
-                feat = lambda im, m=m: extract_features(m, im, a.batch_size, a.device, noise_t, abar,
-                                                        quiet=a.quiet, what=key, scheme=ckpt.get("scheme") or "umd",
-                                                        to_input=to_input)
+                feat = lambda im, m=m: extract_features(m, im, a.batch_size, a.device, noise_t, abar, quiet=a.quiet,
+                                                        what=key, scheme=scheme, to_input=to_input)
             results[key] = run_probe(feat, x, y, train_idx, tx, ty, test_idx, meta["num_classes"],
                                      shots, seeds, a.lam, lambdas)
         per[n] = {"data": d, "test": test_name, "n_pool": len(train_idx), "n_test": len(test_idx), "results": results}
     cols = {"ckpt": name, "random_init": "random init", "raw_pixels": "raw pixels"}
-    if len(per) == 1:
+    one = len(per) == 1  # one dataset: a row per shots value, and the json format of before transfer
+    if one:
         print(f"{'shots':>6} | " + " | ".join(f"{cols[k]:>15}" for k in results))
         for k in results["ckpt"]:
             row = [f"{100 * results[m][k]['mean']:6.2f} +- {100 * results[m][k]['std']:5.2f}" for m in results]
@@ -377,12 +359,9 @@ def main(argv=None):
                 print(f"lambda chosen ({n}, {cols[m]}, per seed): "
                       + ", ".join(f"{k} shots {v['lambdas']}" for k, v in res.items()))
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), "probe.json")
-    report = {"ckpt": a.ckpt, "step": ckpt.get("step"), "preset": name, "data": a.data if len(per) == 1 else dirs,
+    report = {"ckpt": a.ckpt, "step": ckpt.get("step"), "preset": name, "data": a.data if one else dirs,
               "ema": a.ema, "noise_t": noise_t, "lam": a.lam, "lambdas": lambdas, "seeds": seeds}
-    if len(per) == 1:  # the format of a one-dataset probe, as before transfer
-        report.update({k: v for k, v in per[names[0]].items() if k != "data"})
-    else:
-        report["datasets"] = per
+    report.update({k: v for k, v in per[names[0]].items() if k != "data"} if one else {"datasets": per})
     report["seconds"] = round(time.time() - t0, 1)
     atomic_write(out, lambda f: f.write(json.dumps(report, indent=1).encode()))
     log(f"wrote {out} ({report['seconds']} s)")

@@ -24,7 +24,7 @@ Flow checkpoints (ckpt["scheme"] == "flow", corrupt.flow_loss) get flow_sample i
 default), Euler or SiT's SDE from s = 1 to 0 (--sampler; DDIM fits only UMD checkpoints).
 """
 import argparse
-import functools
+import contextlib
 import math
 import sys
 import time
@@ -36,8 +36,9 @@ import torch.distributed as dist
 from PIL import Image
 
 from corrupt import SCHEMES, flow_t_model, make_schedule, pixel_mask
-from data.common import atomic_write
-from model import from_uint8, load_checkpoint
+from data import vae as V
+from data.common import atomic_write, load_meta, load_split
+from model import from_uint8, in_eval_mode, load_checkpoint
 from train import seed_of, setup_distributed
 
 
@@ -57,10 +58,8 @@ def ddim_timesteps(steps, T=1000):
 def ddim_sample(denoise, x, abar, steps, eta=1.0, clip=True, eps_from="eps", noise_fn=None):
     """Run DDIM from x = x_T. denoise(x, t_model) -> (x0_pred, eps_pred); abar float64 (T,).
     noise_fn() -> z like x (called once per pair when eta > 0). Returns the final x0_hat."""
-    if eps_from not in ("eps", "x0"):
-        raise ValueError(f"eps_from must be 'eps' or 'x0', got {eps_from!r}")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if eps_from not in ("eps", "x0") or eta < 0:
+        raise ValueError(f"need eps_from 'eps' or 'x0' and eta >= 0, got {eps_from!r} and {eta}")
     ab = [float(a) for a in abar]  # float64 schedule -> python floats for the coefficients
     ts = ddim_timesteps(steps, len(ab))
     noise_fn = noise_fn or (lambda: torch.randn_like(x))
@@ -147,10 +146,7 @@ def make_denoiser(model, y=None, cfg_scale=1.0, autocast_dtype=None):
 
     def denoise(x, t_model):
         with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            if cfg_scale != 1:
-                x0, eps = model.forward_with_cfg(x, t_model, y, cfg_scale)
-            else:
-                x0, eps, _ = model(x, t_model, y)
+            x0, eps = model.forward_with_cfg(x, t_model, y, cfg_scale) if cfg_scale != 1 else model(x, t_model, y)[:2]
         return x0.float(), eps.float()
     return denoise
 
@@ -169,19 +165,6 @@ def make_labels(n, num_classes, given=None):
     if len(given) == 0 or given.min() < 0 or given.max() >= num_classes:
         raise ValueError(f"labels must be class ids in [0, {num_classes}), got {given.tolist()[:20]}")
     return given[np.arange(n) % len(given)]
-
-
-def in_eval_mode(fn):
-    """Run fn(model, ...) in eval mode (no label dropout), then give the model its mode back."""
-    @functools.wraps(fn)
-    def wrapper(model, *args, **kwargs):
-        was_training = model.training
-        model.eval()
-        try:
-            return fn(model, *args, **kwargs)
-        finally:
-            model.train(was_training)
-    return wrapper
 
 
 def fmt_time(s):
@@ -214,12 +197,11 @@ def sample_images(model, abar, n, steps=250, cfg_scale=1.0, eta=1.0, seed=0, lab
     all_labels = None if K == 0 or uncond else make_labels(n, K, labels)
     device = device or next(model.parameters()).device
     indices = np.arange(rank, n, world_size)
-    shape = (c.channels, c.image_size, c.image_size)
     out = np.zeros((len(indices), c.image_size, c.image_size, c.channels), np.uint8 if clip else np.float32)
     t0 = last = time.time()
     for b in range(0, len(indices), batch_size):
         idx = indices[b:b + batch_size]
-        noise = SampleNoise(idx, seed, shape, device)
+        noise = SampleNoise(idx, seed, (c.channels, c.image_size, c.image_size), device)
         y = None if all_labels is None else torch.from_numpy(all_labels[idx]).to(device)
         denoise = make_denoiser(model, y, cfg_scale, autocast_dtype)
         x = (ddim_sample(denoise, noise(), abar, steps, eta, clip, eps_from, noise) if sampler == "ddim"
@@ -244,7 +226,7 @@ def gather_samples(local, n, rank, world_size, device):
     if rank != 0:
         return None
     out = np.empty((n,) + local.shape[1:], local.dtype)
-    for r, part in enumerate(parts):
+    for r, part in enumerate(parts):  # one rank's share on the host at a time
         out[r::world_size] = part[:len(range(r, n, world_size))].cpu().numpy()
     return out
 
@@ -303,10 +285,9 @@ def reconstruct(model, images, mask_ratio=0.75, seed=0):
     if keep < 1:
         raise ValueError(f"mask_ratio {mask_ratio} keeps no patch of {L}")
     noise = torch.rand(len(x), L, generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones(len(x), L, dtype=torch.bool).scatter_(1, noise.argsort(1)[:, :keep], False)
-    t0 = torch.zeros(len(x), dtype=torch.long, device=device)
-    pred, _, _ = model(x, t0, None, mask=mask.to(device) if keep < L else None)
-    pix = pixel_mask(mask.to(device).float(), c.image_size).bool()
+    mask = torch.ones(len(x), L, dtype=torch.bool).scatter_(1, noise.argsort(1)[:, :keep], False).to(device)
+    pred, _, _ = model(x, torch.zeros(len(x), dtype=torch.long, device=device), None, mask=mask if keep < L else None)
+    pix = pixel_mask(mask.float(), c.image_size).bool()
     masked = torch.where(pix, torch.zeros_like(x), x)
     recon = torch.where(pix, pred.float(), x) if keep < L else pred.float()
     nhwc = (lambda z: z.permute(0, 2, 3, 1).cpu().numpy()) if latent else to_uint8
@@ -326,29 +307,29 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="DDIM samples (ADM npz + PNG grid) or reconstructions from a UMD checkpoint")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--num_samples", type=int, default=64)
-    p.add_argument("--steps", type=int, default=250, help="DDIM steps (paper: 125 for training evals, 250); "
-                                                          "flow samplers: any >= 1")
-    p.add_argument("--sampler", choices=["ddim", "euler", "heun", "sde"], default=None,
+    p.add_argument("--steps", type=int, default=250,
+                   help="DDIM steps (paper: 125 for training evals, 250); flow samplers: any >= 1")
+    p.add_argument("--sampler", choices=["ddim", "euler", "heun", "sde"],
                    help="default: the checkpoint scheme's (umd: ddim, flow: heun); eta and eps_from are DDIM's")
     p.add_argument("--cfg_scale", type=float, default=1.0, help="1: plain conditional; 0: unconditional")
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--eps_from", choices=["eps", "x0"], default="eps", help="which head gives eps")
-    p.add_argument("--labels", default=None, help="comma-separated class ids, repeated over the images "
-                                                  "(default: balanced, image i gets class i %% num_classes)")
+    p.add_argument("--labels", help="comma-separated class ids, repeated over the images (default: balanced, "
+                                    "image i gets class i %% num_classes)")
     p.add_argument("--uncond", action="store_true", help="null label (models without labels always are)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=64, help="per process")
     p.add_argument("--no_ema", action="store_true", help="use the raw weights even when EMA is stored")
-    p.add_argument("--out", default=None, help="npz path (default: next to the ckpt); the grid is .png beside it")
+    p.add_argument("--out", help="npz path (default: next to the ckpt); the grid is .png beside it")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA, else fp32")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--vae", default=None, help="latent checkpoints: the VAE that decodes (default: the one the "
-                                               "checkpoint recorded, else its data's meta.json)")
-    p.add_argument("--raw_latents", action="store_true", help="latent checkpoints: keep the float32 latents "
-                                                              "(at the training scale) in the npz, no decoding")
-    p.add_argument("--recon", default=None, help="write a reconstruction PNG here instead of sampling")
-    p.add_argument("--data", default=None, help="data dir with meta.json for --recon")
+    p.add_argument("--vae", help="latent checkpoints: the VAE that decodes (default: the one the checkpoint recorded, "
+                                 "else its data's meta.json)")
+    p.add_argument("--raw_latents", action="store_true",
+                   help="latent checkpoints: keep the float32 latents (at the training scale) in the npz, no decoding")
+    p.add_argument("--recon", help="write a reconstruction PNG here instead of sampling")
+    p.add_argument("--data", help="data dir with meta.json for --recon")
     p.add_argument("--split", default="train")
     p.add_argument("--mask_ratio", type=float, default=0.75)
     p.add_argument("--num_recon", type=int, default=8)
@@ -378,16 +359,10 @@ def check_args(args):
 
 def latent_vae(args, tc, device, meta=None):
     """(VAE, scale) of a latent checkpoint: --vae, else the one its train_config recorded, else its data's."""
-    from data import vae as V
-    from data.common import load_meta
     if meta is None:
-        try:
+        with contextlib.suppress(OSError, ValueError):  # the data need not be on the sampling machine
             meta = load_meta(tc.get("data_dir") or "")
-        except (OSError, ValueError):  # the data need not be on the sampling machine
-            meta = None
-    path, scale = V.recorded(tc, meta, args.vae)
-    vae = V.load_vae(path, device)
-    return vae, scale or V.describe(vae, path)["scale"]
+    return V.checkpoint_vae(tc, meta, args.vae, device)
 
 
 def run(args, run_, log):
@@ -406,16 +381,14 @@ def run(args, run_, log):
             raise ValueError("--recon needs --data DIR (a prepared data dir with meta.json)")
         check_output(args.recon)
         if rank == 0:
-            from data.common import load_split  # lazy: sampling needs no data
             images, _, meta = load_split(args.data, args.split)
             pick = np.sort(np.random.default_rng(args.seed).choice(len(images), min(args.num_recon, len(images)), replace=False))
+            images, decode = images[pick], None
             if latent:  # encoded (pixel data) or stored (latent data) posterior means; every column decoded
-                from data.vae import decode, model_input
                 vae, scale = latent_vae(args, tc, device, meta)
-                z = model_input(meta, scale, vae, model.config.image_size)(images[pick]).permute(0, 2, 3, 1).numpy()
-                save_reconstructions(model, z, args.recon, args.mask_ratio, args.seed, lambda l: decode(vae, l, scale))
-            else:
-                save_reconstructions(model, images[pick], args.recon, args.mask_ratio, args.seed)
+                images = V.model_input(meta, scale, vae, model.config.image_size)(images).permute(0, 2, 3, 1).numpy()
+                decode = lambda l: V.decode(vae, l, scale)
+            save_reconstructions(model, images, args.recon, args.mask_ratio, args.seed, decode)
             log(f"wrote {args.recon}: original | masked ({args.mask_ratio:g}) | reconstruction, {len(pick)} rows"
                 + (", each decoded by the VAE" if latent else ""))
         return
@@ -431,15 +404,13 @@ def run(args, run_, log):
     dtype = {"bf16": torch.bfloat16, "fp32": None}.get(args.dtype, torch.bfloat16 if device.type == "cuda" else None)
     decode = latent and not args.raw_latents
     if decode:  # loaded before sampling: a missing VAE fails now, not after hours
-        from data.vae import decode as vae_decode
         vae, scale = latent_vae(args, tc, device)
     samples, y = sample_images(model, make_schedule(schedule), args.num_samples, args.steps, args.cfg_scale,
                                args.eta, args.seed, labels, args.uncond, args.batch_size, device,
                                clip=not latent, eps_from=args.eps_from, autocast_dtype=dtype,
-                               rank=rank, world_size=world_size, progress=not args.quiet and rank == 0,
-                               sampler=sampler)
+                               rank=rank, world_size=world_size, progress=not args.quiet and rank == 0, sampler=sampler)
     if decode:
-        samples = vae_decode(vae, samples, scale, args.batch_size)
+        samples = V.decode(vae, samples, scale, args.batch_size)
         log(f"decoded {len(samples)} latents with the VAE (scale {scale:g})")
     if world_size > 1:
         samples = gather_samples(samples, args.num_samples, rank, world_size, device)
@@ -447,7 +418,7 @@ def run(args, run_, log):
     if rank != 0:
         return
     atomic_write(out, lambda f: np.savez(f, arr_0=samples, **({} if y is None else {"arr_1": y})))
-    if latent and args.raw_latents:
+    if args.raw_latents:  # (a pixel checkpoint has failed above)
         log(f"wrote {out}: arr_0 holds RAW LATENTS float32 {samples.shape} (N, H, W, C) at the training scale; "
             "sample without --raw_latents to get decoded images for fid.py (no PNG grid)")
         return

@@ -119,7 +119,7 @@ def make_data(out, n=64, size=8, channels=1, classes=4, n_val=None):
 
 def write_ckpt(path, model, knobs=None, **train_config):
     """A checkpoint as sample.py and probe.py read it (train.py writes the full schema)."""
-    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": None,
+    torch.save({"model_config": train.asdict(model.config), "model": model.state_dict(), "ema": None,
                 "train_config": train_config, "knobs": knobs or {}, "step": 0}, path)
     return str(path)
 
@@ -2661,7 +2661,7 @@ def test_a_missing_vae_or_diffusers_is_named(tmp_path, monkeypatch):
     from data.vae import load_vae
     model = UMD(ModelConfig.from_name("micro/4", image_size=8, channels=4))
     ckpt = str(tmp_path / "lat.pt")
-    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "ema": None, "step": 0,
+    torch.save({"model_config": train.asdict(model.config), "model": model.state_dict(), "ema": None, "step": 0,
                 "train_config": {"latent": True, "schedule": "linear"}}, ckpt)
     with pytest.raises(SystemExit, match="records no VAE: pass --vae PATH"):
         S.main(["--ckpt", ckpt, "--num_samples", "2", "--steps", "2", "--out", str(tmp_path / "x.npz")])

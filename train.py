@@ -55,7 +55,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from corrupt import SCHEMES, T, make_schedule, masked_mse, pixel_mask
 from data.common import atomic_write, check_geometry, load_meta, load_split
 from data.vae import decode, posterior_mean, sample_posterior
-from model import UMD, ModelConfig, from_uint8, load_checkpoint, load_resized, read_checkpoint
+from model import UMD, ModelConfig, from_uint8, in_eval_mode, load_checkpoint, load_resized, read_checkpoint
 
 CUDA = torch.cuda.is_available()
 
@@ -129,28 +129,21 @@ FREE_ON_RESUME = {"out_dir", "resume", "allow_config_change", "device", "dtype",
                   "log_interval", "ckpt_interval", "max_nonfinite", "step_timeout_minutes", "_test_nan_steps",
                   "_test_stop_step", "_test_stall_step", "vae"} | \
                  {f.name for f in fields(Config) if f.name.startswith("eval_")}
-RANGES = {  # key: (test, what it must be); every number gets one
-    "batch_size": (lambda v: v >= 1, ">= 1"), "grad_accum": (lambda v: v >= 1, ">= 1"),
-    "image_size": (lambda v: v is None or v >= 1, ">= 1"), "channels": (lambda v: v is None or v >= 1, ">= 1"),
-    "epochs": (lambda v: v > 0, "> 0"), "max_steps": (lambda v: v >= 0, ">= 0 (0: use epochs)"),
-    "base_lr": (lambda v: v > 0, "> 0"), "lr": (lambda v: v >= 0, ">= 0 (0: base_lr * batch_size / 256)"),
-    "warmup_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"), "warmup_epochs": (lambda v: v >= 0, ">= 0"),
-    "weight_decay": (lambda v: v >= 0, ">= 0"), "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"), "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
-    "ema_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"), "crop_area_min": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "label_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "seed": (lambda v: v >= 0, ">= 0"),
-    "latent_scale": (lambda v: v >= 0, ">= 0 (0: the data's)"),
-    "log_interval": (lambda v: v >= 1, ">= 1"), "ckpt_interval": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
-    "eval_interval": (lambda v: v >= 0, ">= 0 (0: no evals)"), "eval_shots": (lambda v: v >= 0, ">= 0"),
-    "eval_max_test": (lambda v: v >= 0, ">= 0"), "eval_samples": (lambda v: v >= 0, ">= 0"),
-    "eval_steps": (lambda v: 1 <= v <= T, f"in [1, {T}]"), "eval_cfg_scale": (lambda v: v >= 0, ">= 0"),
-    "eval_val_images": (lambda v: v >= 0, ">= 0"), "eval_fid_samples": (lambda v: v == 0 or v >= 2, "0 or >= 2"),
-    "eval_fid_steps": (lambda v: 1 <= v <= T, f"in [1, {T}]"),
-    "eval_fid_cfg_scales": (lambda v: len(v) > 0 and all(isinstance(x, (int, float)) and x >= 0 for x in v),
-                            "a non-empty tuple of numbers >= 0"),
-    "max_nonfinite": (lambda v: v >= 1, ">= 1"), "step_timeout_minutes": (lambda v: v > 0, "> 0"),
-    "_test_stop_step": (lambda v: v >= 0, ">= 0"), "_test_stall_step": (lambda v: v >= 0, ">= 0"),
-}
+RANGES = [  # (keys, test, what each must be); every number gets one
+    ("batch_size grad_accum log_interval max_nonfinite", lambda v: v >= 1, ">= 1"),
+    ("image_size channels", lambda v: v is None or v >= 1, ">= 1"),
+    ("epochs base_lr step_timeout_minutes", lambda v: v > 0, "> 0"),
+    ("max_steps lr warmup_epochs weight_decay grad_clip seed latent_scale ckpt_interval eval_interval eval_shots "
+     "eval_max_test eval_samples eval_cfg_scale eval_val_images _test_stop_step _test_stall_step",
+     lambda v: v >= 0, ">= 0"),
+    ("warmup_frac ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("beta1 beta2 label_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("crop_area_min", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("eval_steps eval_fid_steps", lambda v: 1 <= v <= T, f"in [1, {T}]"),
+    ("eval_fid_samples", lambda v: v == 0 or v >= 2, "0 or >= 2"),
+    ("eval_fid_cfg_scales", lambda v: len(v) > 0 and all(isinstance(x, (int, float)) and x >= 0 for x in v),
+     "a non-empty tuple of numbers >= 0"),
+]
 CHOICES = {"dtype": ("bf16", "fp32"), "schedule": ("auto", "cosine", "linear")}
 PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense bf16 per GPU (TF32: half)
 
@@ -158,22 +151,15 @@ PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense bf16 per 
 # ---- configuration ------------------------------------------------------------------------------
 def key_types(cls):
     """field name -> tuple of accepted types, from a dataclass's annotations."""
-    out = {}
-    for name, hint in typing.get_type_hints(cls).items():
-        out[name] = tuple(a for a in typing.get_args(hint)) if typing.get_origin(hint) is typing.Union else (hint,)
-    return out
-
-
-def knob_types():
-    """Knob name -> accepted types, over every registered scheme (its knobs are train.py keys)."""
-    return {k: v for s in SCHEMES.values() for k, v in key_types(s.knobs).items()}
+    union = lambda h: typing.get_origin(h) is typing.Union
+    return {n: typing.get_args(h) if union(h) else (h,) for n, h in typing.get_type_hints(cls).items()}
 
 
 def parse_config(argv, cls=Config):
     """An instance of the dataclass `cls` updated by config files and --key=value flags, in order.
     Also used by bench.py with its own dataclass."""
     cfg, types_ = cls(), key_types(cls)
-    knobs = knob_types() if "knobs" in types_ else {}
+    knobs = {k: v for s in SCHEMES.values() for k, v in key_types(s.knobs).items()} if "knobs" in types_ else {}
 
     def put(key, value, where):
         want = types_.get(key) or knobs.get(key)
@@ -217,10 +203,11 @@ def parse_config(argv, cls=Config):
 
 def check_config(cfg):
     """Values that have the right type but make no sense, before any work."""
-    for key, (ok, what) in RANGES.items():
-        value = getattr(cfg, key)
-        if not ok(value) or isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"config key {key!r} must be {what}, got {value!r}")
+    for keys, ok, what in RANGES:
+        for key in keys.split():
+            value = getattr(cfg, key)
+            if not ok(value) or isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"config key {key!r} must be {what}, got {value!r}")
     for key, allowed in {**CHOICES, "loss": ("auto", *SCHEMES)}.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key {key!r} must be one of {list(allowed)}, got {getattr(cfg, key)!r}")
@@ -433,7 +420,7 @@ TRAIN_KEYS = ("model_config", "model", "ema", "optimizer", "step", "scheme", "kn
 
 def save_checkpoint(path, model, ema, opt, step, cfg, knobs, pretrain_knobs):
     """The one checkpoint writer: the schema of every umd checkpoint (model.read_checkpoint reads it)."""
-    ckpt = {"model_config": model.config.to_dict(), "model": model.state_dict(),
+    ckpt = {"model_config": asdict(model.config), "model": model.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "optimizer": opt.state_dict(), "step": step,
             "scheme": cfg.loss, "knobs": asdict(knobs), "pretrain_knobs": asdict(pretrain_knobs),
             "train_config": asdict(cfg),
@@ -462,7 +449,7 @@ def resume_state(cfg, path, model, ema, opt, log):
         raise ValueError(f"{path} exists and is not a fine-tune of {cfg.init_from} (it was started from "
                          f"{was.get('init_from') or 'scratch'}); this run would overwrite it: use another out_dir, "
                          "or --resume=False to start afresh and overwrite it")
-    ours = {k: v for k, v in model.config.to_dict().items() if k != "label_dropout"}
+    ours = {k: v for k, v in asdict(model.config).items() if k != "label_dropout"}
     arch = {k: (ck["model_config"].get(k), v) for k, v in ours.items() if ck["model_config"].get(k) != v}
     if arch:
         raise ValueError(f"{path} is a checkpoint of another architecture: "
@@ -517,7 +504,7 @@ def train_step(model, scheme, knobs, abar, batch, next_batch, cfg, step, chunks,
     return loss_sum, parts_sum, batch
 
 
-def setup_eval(cfg, run, scheme, device, log):
+def setup_eval(cfg, run, log):
     """What the periodic eval needs, made once before training so that a missing weight file or
     val split fails now, not hours later: the fixed val batch of the validation losses, and for
     FID the Inception network and the reference statistics (rank 0 computes them once and caches
@@ -529,7 +516,7 @@ def setup_eval(cfg, run, scheme, device, log):
         ev["to_input"] = lambda rows: posterior_mean(rows, cfg.latent_scale)
         if cfg.eval_fid_samples or cfg.eval_samples and run.master:
             from data.vae import load_vae
-            ev["vae"] = load_vae(cfg.vae, device)
+            ev["vae"] = load_vae(cfg.vae, run.device)
     if cfg.eval_val_images and run.master:
         try:
             images, labels, _ = load_split(cfg.data_dir, "val")
@@ -540,7 +527,7 @@ def setup_eval(cfg, run, scheme, device, log):
             ev["val"] = (images[idx], torch.from_numpy(labels[idx]))
     if cfg.eval_fid_samples:
         import fid
-        ev["inception"] = fid.load_inception(cfg.eval_fid_weights or None, device, download=False)
+        ev["inception"] = fid.load_inception(cfg.eval_fid_weights or None, run.device, download=False)
         if run.master:
             ev["ref"] = reference_stats(cfg, ev["inception"], log)
         if run.world > 1:
@@ -574,6 +561,7 @@ def reference_stats(cfg, inception, log):
 
 
 @torch.no_grad()
+@in_eval_mode
 def validation_losses(model, scheme, val, abar, device, batch_size=64, to_input=from_uint8):
     """The diffusion loss (eps and x0 MSE, no mask; labels when the model has a table) of noised val
     images and the masked-reconstruction loss of the clean ones (mask ratio 0.75), with timesteps,
@@ -584,20 +572,16 @@ def validation_losses(model, scheme, val, abar, device, batch_size=64, to_input=
     t, eps = torch.randint(0, T, (n,), generator=g), torch.randn((n,) + to_input(images[:1]).shape[1:], generator=g)
     keep = torch.rand(n, L, generator=g).argsort(1)[:, :L - int(L * 0.75)]
     masks = torch.ones(n, L, dtype=torch.bool).scatter_(1, keep, False)
-    was_training, sums = model.training, np.zeros(3)
-    model.eval()
-    try:
-        for i in range(0, n, batch_size):
-            x0, b = to_input(images[i:i + batch_size]).to(device), slice(i, i + batch_size)
-            x, t_model = scheme.noise_at(x0, t[b].to(device), eps[b].to(device), abar)
-            y = labels[b].to(device) if model.config.num_classes else None
-            x0_pred, eps_pred, _ = model(x, t_model, y)
-            rec, _, mask = model(x0, torch.zeros(len(x0), dtype=torch.long, device=device), None, mask=masks[b].to(device))
-            pix = pixel_mask(mask, x0.shape[-1])
-            sums += len(x0) * np.array([F.mse_loss(eps_pred, eps[b].to(device)).item(),
-                                        F.mse_loss(x0_pred, x0).item(), masked_mse(rec, x0, pix).item()])
-    finally:
-        model.train(was_training)
+    sums = np.zeros(3)
+    for i in range(0, n, batch_size):
+        x0, b = to_input(images[i:i + batch_size]).to(device), slice(i, i + batch_size)
+        x, t_model = scheme.noise_at(x0, t[b].to(device), eps[b].to(device), abar)
+        y = labels[b].to(device) if model.config.num_classes else None
+        x0_pred, eps_pred, _ = model(x, t_model, y)
+        rec, _, mask = model(x0, torch.zeros(len(x0), dtype=torch.long, device=device), None, mask=masks[b].to(device))
+        pix = pixel_mask(mask, x0.shape[-1])
+        sums += len(x0) * np.array([F.mse_loss(eps_pred, eps[b].to(device)).item(),
+                                    F.mse_loss(x0_pred, x0).item(), masked_mse(rec, x0, pix).item()])
     return dict(zip(("val_eps_mse", "val_x0_mse", "val_mae_loss"), (sums / n).tolist()))
 
 
@@ -762,7 +746,7 @@ def main(argv=None):
                 return peak_lr * (s + 1) / warmup
             return peak_lr * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
 
-        ev = setup_eval(cfg, run, scheme, device, log)
+        ev = setup_eval(cfg, run, log)
         get_batch = Batches(images, targets, cfg, micro_bs, device)
         next_batch = lambda micro: (get_batch(step, chunks[micro + 1]) if micro + 1 < A else
                                     get_batch(step + 1, chunks[0]) if step + 1 < total else None)

@@ -95,15 +95,17 @@ def sample_posterior(rows, scale, hflip, gen):
     return (scale * z).permute(0, 3, 1, 2).contiguous()
 
 
-def recorded(train_config, meta=None, given=None):
-    """(VAE path or name, scale) of a latent checkpoint: `given` (--vae), else what its train_config recorded,
-    else the latent data's meta.json; scale None when neither records one (then the VAE's own)."""
+def checkpoint_vae(train_config, meta=None, given=None, device="cpu", load=True):
+    """(VAE, scale) of a latent checkpoint. The VAE: `given` (--vae), else what its train_config recorded, else
+    the latent data's meta.json (load=False: None, for latent data, whose stored means need no encoder). The
+    scale: what the train_config or the data recorded, else the VAE's own."""
     lat = (meta or {}).get("latent") or {}
     path = given or train_config.get("vae") or lat.get("vae")
     if not path:
         raise ValueError("this latent checkpoint records no VAE: pass --vae PATH (the diffusers folder of the VAE "
                          "its data was encoded with)")
-    return path, train_config.get("latent_scale") or lat.get("scale")
+    vae = load_vae(path, device) if load else None
+    return vae, train_config.get("latent_scale") or lat.get("scale") or describe(vae, path)["scale"]
 
 
 def model_input(meta, scale, vae=None, size=None):
