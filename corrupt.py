@@ -125,8 +125,7 @@ def clean_count(micro_batch, no_noise_prob, chunk=(0, 1)):
 
 # ---- loss -------------------------------------------------------------------------------
 def pixel_mask(mask, image_size):
-    """(N, L) token mask -> (N, 1, H, W) pixel mask of H = W = image_size, or None when nothing
-    was masked."""
+    """(N, L) token mask -> (N, 1, H, W) pixel mask of H = W = image_size, or None when nothing was masked."""
     if mask is None:
         return None
     h = math.isqrt(mask.shape[1])
