@@ -148,10 +148,25 @@ def bench_sampling(cfg):
 
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv, BenchConfig)
+    for key, low in (("batch_size", 1), ("steps", 1), ("warmup", 0), ("sample_batch", 1), ("sample_evals", 1),
+                     ("width", 0)):
+        if getattr(cfg, key) < low:
+            raise ValueError(f"config key {key!r} must be >= {low}, got {getattr(cfg, key)}")
+    for key, allowed in (("loss", tuple(SCHEMES)), ("dtype", ("bf16", "fp32"))):
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"config key {key!r} must be one of {list(allowed)}, got {getattr(cfg, key)!r}")
+    for name in cfg.presets.split(","):
+        SCHEMES[cfg.loss].make_knobs(name)  # an unknown preset fails now, before any model is built
     if cfg.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return {"training": bench_training(cfg), "sampling": bench_sampling(cfg)}
 
 
 if __name__ == "__main__":
-    main()
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        sys.exit(print(__doc__ + "\n".join(f"{f.name} = {getattr(BenchConfig(), f.name)!r}"
+                                           for f in fields(BenchConfig))))
+    try:
+        main()
+    except ValueError as e:  # a bad key or value: one line, no traceback
+        sys.exit(f"error: {e}")

@@ -853,6 +853,10 @@ def test_config_errors(toy_data, tmp_path):
     assert "mask_ratio_noisy = 0.375" in help_text
     r = run_script(["--bogus=1"])  # the script: one clear line, no traceback
     assert r.returncode == 1 and "error: unknown config key 'bogus'" in r.stderr and "Traceback" not in r.stderr
+    bench_help = run_script(["--help"], script="bench.py").stdout  # bench.py: the same key listing and errors
+    assert all(f"{f.name} = " in bench_help for f in train.fields(bench.BenchConfig))
+    r = run_script(["--steps=0"], script="bench.py")
+    assert r.returncode == 1 and "error: config key 'steps' must be >= 1" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_train_bad_input(toy_data, tmp_path):
@@ -2960,6 +2964,9 @@ BAD_ARGUMENTS = [  # (entry point, arguments, what the message must say)
     ("probe", ["--max_test", "0"], "--max_test must be >= 1"),
     ("probe", ["--batch_size", "0"], "--batch_size must be >= 1"),
     ("probe", ["--seeds", "a"], "--seeds must be comma-separated integers"),
+    ("bench", ["--steps=0"], "'steps' must be >= 1"),
+    ("bench", ["--dtype=fp16"], r"'dtype' must be one of \['bf16', 'fp32'\], got 'fp16'"),
+    ("bench", ["--presets=umd,nope"], "unknown preset 'nope'"),
 ]
 
 
@@ -2974,6 +2981,10 @@ def test_bad_arguments_are_named_before_any_work(toy_data, tmp_path, entry, args
     elif entry == "sample":
         with pytest.raises(SystemExit, match=msg):
             S.main(["--ckpt", ckpt, "--quiet", *args])
+    elif entry == "bench":
+        import bench
+        with pytest.raises(ValueError, match=msg):
+            bench.main(args)
     else:
         with pytest.raises(ValueError, match=msg):
             probe.main(["--ckpt", ckpt, "--data", toy_data, "--quiet", *args])
