@@ -550,7 +550,8 @@ def table(res):
               f"against {f['n_ref']} val images; -G: guidance {g}{is_note}. ")
     lines += ["", f"Ours: {p['model']} on {Path(p['data']).name} {p['image_size']}x{p['image_size']}x{p['channels']}, "
               f"{p['pretrain_steps']} pre-training steps of {p['batch_size']} ({epochs:.3g} epochs) per preset{tuned}{then}. "
-              f"Cost: measured ms per pre-training image ({res['cost_measurement']['device']}, interleaved steps). "
+              f"Cost: measured ms per pre-training image ({res['cost_measurement']['device']}, interleaved steps"
+              + ("; flow's in a second bench right after" if "flow" in presets_of(p) else "") + "). "
               f"Probe: val, {p['probe_test']} test images, mean ± std over seeds 0, 1, 2. {scored}[Brackets]: the "
               "paper's Table 1 (ImageNet 64x64, B/4, 800 epochs; cost in TPU hours and its ratio to DiT's)."]
     return "\n".join(lines)
