@@ -22,7 +22,7 @@ import torch
 
 from corrupt import SCHEMES, make_schedule
 from model import UMD, ModelConfig
-from train import CUDA, parse_config, peak_flops
+from train import CUDA, check_values, help_text, parse_config, peak_flops
 
 
 @dataclass
@@ -148,13 +148,9 @@ def bench_sampling(cfg):
 
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv, BenchConfig)
-    for key, low in (("batch_size", 1), ("steps", 1), ("warmup", 0), ("sample_batch", 1), ("sample_evals", 1),
-                     ("width", 0)):
-        if getattr(cfg, key) < low:
-            raise ValueError(f"config key {key!r} must be >= {low}, got {getattr(cfg, key)}")
-    for key, allowed in (("loss", tuple(SCHEMES)), ("dtype", ("bf16", "fp32"))):
-        if getattr(cfg, key) not in allowed:
-            raise ValueError(f"config key {key!r} must be one of {list(allowed)}, got {getattr(cfg, key)!r}")
+    check_values(cfg, [("batch_size steps sample_batch sample_evals", lambda v: v >= 1, ">= 1"),
+                       ("warmup width", lambda v: v >= 0, ">= 0")],
+                 {"loss": tuple(SCHEMES), "dtype": ("bf16", "fp32")})
     for name in cfg.presets.split(","):
         SCHEMES[cfg.loss].make_knobs(name)  # an unknown preset fails now, before any model is built
     if cfg.device.startswith("cuda"):
@@ -164,8 +160,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     if {"-h", "--help"} & set(sys.argv[1:]):
-        sys.exit(print(__doc__ + "\n".join(f"{f.name} = {getattr(BenchConfig(), f.name)!r}"
-                                           for f in fields(BenchConfig))))
+        sys.exit(print(help_text(BenchConfig, __doc__)))
     try:
         main()
     except ValueError as e:  # a bad key or value: one line, no traceback

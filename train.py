@@ -201,16 +201,22 @@ def parse_config(argv, cls=Config):
     return cfg
 
 
-def check_config(cfg):
-    """Values that have the right type but make no sense, before any work."""
-    for keys, ok, what in RANGES:
+def check_values(cfg, ranges, choices):
+    """Values that have the right type but make no sense: ranges [(keys, test, what)], choices {key: allowed}.
+    Also used by bench.py with its own tables."""
+    for keys, ok, what in ranges:
         for key in keys.split():
             value = getattr(cfg, key)
             if not ok(value) or isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"config key {key!r} must be {what}, got {value!r}")
-    for key, allowed in {**CHOICES, "loss": ("auto", *SCHEMES)}.items():
+    for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"config key {key!r} must be one of {list(allowed)}, got {getattr(cfg, key)!r}")
+
+
+def check_config(cfg):
+    """train.py's values that make no sense, before any work."""
+    check_values(cfg, RANGES, {**CHOICES, "loss": ("auto", *SCHEMES)})
     if cfg.latent and cfg.schedule == "cosine":
         raise ValueError("latent=True trains with the linear schedule (the paper's for latents), but schedule="
                          "'cosine' was set: drop it (auto) or set schedule='linear'")
@@ -232,13 +238,14 @@ def check_latent(cfg, meta):
         cfg.vae, cfg.latent_scale = cfg.vae or lat["vae"], cfg.latent_scale or float(lat["scale"])
 
 
-def help_text():
-    lines = [f"{f.name} = {getattr(Config(), f.name)!r}" for f in fields(Config) if not f.name.startswith("_")]
-    for name, s in SCHEMES.items():
+def help_text(cls=Config, doc=__doc__):
+    """doc, then every key of the dataclass cls with its default (and, for train.py, the schemes' knobs)."""
+    lines = [f"{f.name} = {getattr(cls(), f.name)!r}" for f in fields(cls) if not f.name.startswith("_")]
+    for name, s in SCHEMES.items() if cls is Config else ():
         first = next(iter(s.presets.values()))
         lines.append(f"\ncorruption knobs of --loss={name} (default: its preset; presets: {', '.join(s.presets)}):")
         lines += [f"{f.name} = {getattr(first, f.name)!r}" for f in fields(s.knobs)]
-    return __doc__ + "\n".join(lines)
+    return doc + "\n".join(lines)
 
 
 # ---- launch -------------------------------------------------------------------------------------

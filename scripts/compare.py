@@ -523,7 +523,7 @@ def table(res):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for q in presets_of(p):
         r, pp = res["presets"][q], PAPER.get(q)  # flow: not in the paper
-        paper = lambda key, spec="": f" [{format(pp[key], spec)}]" if pp else ""
+        paper = lambda key: f" [{pp[key]}]" if pp else ""
         (fid1, is1, pr1), (fidg, isg, prg) = scores(r["fid"].get("1")), scores(r["fid"].get(g))
         s10, s100 = shots(r["probe"])
         cells = [NAMES[q], f"{r['cost']['ms_per_image']:.2f}" + (f" [{pp['tpu_hours']} TPU h]" if pp else ""),
