@@ -22,7 +22,8 @@ import torch
 
 from corrupt import SCHEMES, make_schedule
 from model import UMD, ModelConfig
-from train import CUDA, check_values, help_text, parse_config, peak_flops
+from infra.config import check_values, help_text, parse_config
+from infra.launch import CUDA, peak_flops
 
 
 @dataclass

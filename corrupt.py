@@ -28,7 +28,8 @@ noisy images only, x0 target, one mask ratio drawn per micro-batch:
         loss = F.mse_loss(x0_pred, x0)
         return loss, {"x0_loss": loss.detach()}
 
-    SCHEMES["random_ratio"] = Scheme(RatioKnobs, {"random_ratio": RatioKnobs()}, random_ratio_loss, ("x0_loss",))
+    SCHEMES["random_ratio"] = Scheme(RatioKnobs, {"random_ratio": RatioKnobs()}, random_ratio_loss,
+                                     ("x0_loss",))
     # python train.py --loss=random_ratio --max_mask_ratio=0.3
 
 A scheme that keeps UMD's batch split and changes the noisy branch reuses branch_split_loss: the
@@ -180,7 +181,8 @@ def umd_loss(model, x0, y, abar, knobs, chunk=(0, 1), t=None, eps=None, masks=(N
     def noisy_loss(x, y):  # x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps at t_model = t + 1
         t_ = torch.randint(0, len(abar), (len(x),), device=x.device) if t is None else t
         eps_ = torch.randn_like(x) if eps is None else eps
-        x0_pred, eps_pred, mask = model(q_sample(x, t_, eps_, abar), t_ + 1, y, knobs.mask_ratio_noisy, masks[0])
+        x_t = q_sample(x, t_, eps_, abar)
+        x0_pred, eps_pred, mask = model(x_t, t_ + 1, y, knobs.mask_ratio_noisy, masks[0])
         noisy, eps_loss, x0_loss = target_losses(x0_pred, eps_pred, x, eps_, mask, knobs.noisy_target)
         return noisy, {"noisy_eps_loss": eps_loss.detach(), "noisy_x0_loss": x0_loss.detach()}
     return branch_split_loss(model, x0, y, knobs, chunk, noisy_loss, masks[1])
@@ -206,8 +208,8 @@ class Scheme:
     flops_per_image: Optional[Callable] = None            # (model, knobs) -> training FLOPs (MFU)
     finetune_preset: Callable = lambda knobs: None        # pre-training knobs -> fine-tuning preset
     every_param_used: Callable = lambda knobs: False      # True: DDP need not look for unused ones
-    noise_at: Callable = lambda x0, t, eps, abar: (q_sample(x0, t, eps, abar), t + 1)  # images noised as at
-                                                          # DDPM step t -> (x, t_model): the probe of dit/maskdit
+    # images noised as at DDPM step t -> (x, t_model): the probe of dit/maskdit
+    noise_at: Callable = lambda x0, t, eps, abar: (q_sample(x0, t, eps, abar), t + 1)
     samplers: tuple = ("ddim",)                           # sample.py's samplers that fit, the default first
 
     def make_knobs(self, preset, **overrides):
@@ -248,7 +250,8 @@ class FlowKnobs(Knobs):
             raise ValueError(f"time_dist must be 'uniform' or 'logit_normal' and flow_target 'split' or "
                              f"'velocity', got {self.time_dist!r}, {self.flow_target!r}")
         if self.flow_target == "velocity" and self.noisy_target != "both":
-            raise ValueError("noisy_target picks the heads of the split target: keep it 'both' with flow_target='velocity'")
+            raise ValueError("noisy_target picks the heads of the split target: keep it 'both' with "
+                             "flow_target='velocity'")
 
 
 FLOW_PRESETS = {  # the first is UMD's ratios; the fine-tuning recipes as UMD's
@@ -273,15 +276,18 @@ def flow_loss(model, x0, y, abar, knobs, chunk=(0, 1), s=None, eps=None, masks=(
     "velocity": SiT's MSE of eps_pred - x0_pred against v on all pixels, and under a mask on the visible
     ones, plus x0 on the masked ones 50/50 (eps, hence v, is unknowable there). s, eps, masks: tests."""
     def noisy_loss(x, y):
-        s_ = s if s is not None else torch.rand(len(x), device=x.device) if knobs.time_dist == "uniform" else \
+        uniform = knobs.time_dist == "uniform"
+        s_ = s if s is not None else torch.rand(len(x), device=x.device) if uniform else \
             torch.randn(len(x), device=x.device).sigmoid()
         s_ = s_.clamp(1 / T, 1)  # t_model 0 is the clean image (flow_t_model)
         eps_ = torch.randn_like(x) if eps is None else eps
         sv = s_.to(x.dtype).view(-1, 1, 1, 1)
-        x0_pred, eps_pred, mask = model((1 - sv) * x + sv * eps_, flow_t_model(s_), y, knobs.mask_ratio_noisy, masks[0])
+        x_s = (1 - sv) * x + sv * eps_
+        x0_pred, eps_pred, mask = model(x_s, flow_t_model(s_), y, knobs.mask_ratio_noisy, masks[0])
         noisy, eps_loss, x0_loss = target_losses(x0_pred, eps_pred, x, eps_, mask, knobs.noisy_target)
         pix = pixel_mask(mask, x.shape[-1])
-        v_loss = masked_mse(eps_pred - x0_pred, eps_ - x, torch.ones_like(x[:, :1]) if pix is None else 1 - pix)
+        visible = torch.ones_like(x[:, :1]) if pix is None else 1 - pix
+        v_loss = masked_mse(eps_pred - x0_pred, eps_ - x, visible)
         if knobs.flow_target == "velocity":
             noisy = v_loss if pix is None else (v_loss + x0_loss) / 2
         return noisy, {"noisy_eps_loss": eps_loss.detach(), "noisy_x0_loss": x0_loss.detach(),
@@ -295,7 +301,9 @@ def flow_noise_at(x0, t, eps, abar):
     return (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps, flow_t_model(s)
 
 
+# python train.py --loss=flow [--preset=flow_dit]
 SCHEMES["flow"] = Scheme(FlowKnobs, FLOW_PRESETS, flow_loss,
                          ("clean_share", "clean_loss", "noisy_eps_loss", "noisy_x0_loss", "noisy_v_loss"),
-                         umd_flops_per_image, lambda k: "flow_finetune" if k.no_noise_prob > 0 else "flow_dit_finetune",
-                         SCHEMES["umd"].every_param_used, flow_noise_at, samplers=("heun", "euler", "sde"))  # python train.py --loss=flow [--preset=flow_dit]
+                         umd_flops_per_image,
+                         lambda k: "flow_finetune" if k.no_noise_prob > 0 else "flow_dit_finetune",
+                         SCHEMES["umd"].every_param_used, flow_noise_at, samplers=("heun", "euler", "sde"))

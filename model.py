@@ -64,9 +64,11 @@ def modulate(x, shift, scale):
 
 
 def timestep_embedding(t, dim):
-    """Sinusoidal embedding, [sin | cos], freq_i = exp(-i ln(10000) / (half - 1)) (the reference code: half - 1, not half)."""
+    """Sinusoidal embedding, [sin | cos], freq_i = exp(-i ln(10000) / (half - 1)) (the reference code:
+    half - 1, not half)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - 1))
+    i = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(10000) * i / (half - 1))
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
@@ -258,7 +260,7 @@ class UMD(nn.Module):
     # ---- inputs -------------------------------------------------------------------------
     def _check(self, x, t_model, y, mask_ratio):
         c = self.config
-        if x.ndim != 4 or x.shape[1] != c.channels or x.shape[2] != c.image_size or x.shape[3] != c.image_size:
+        if x.ndim != 4 or tuple(x.shape[1:]) != (c.channels, c.image_size, c.image_size):
             raise ValueError(f"expected images of shape (N, {c.channels}, {c.image_size}, {c.image_size}), "
                              f"got {tuple(x.shape)}")
         if t_model.shape != (x.shape[0],):
@@ -358,67 +360,7 @@ class UMD(nn.Module):
         return out.chunk(2, dim=1)
 
 
-# ---- checkpoints --------------------------------------------------------------------------
-# A checkpoint is one dict, written by train.save_checkpoint (the schema is there): model_config,
-# model (state dict of the unwrapped model), ema (state dict or None), optimizer, step, scheme,
-# knobs, pretrain_knobs, train_config, rng.
-def read_checkpoint(path, need=("model_config", "model")):
-    """The checkpoint dict at path, with the keys `need` checked; clear errors for anything else."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable umd checkpoint ({type(e).__name__}: {e})") from None
-    missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"{path} is not a umd checkpoint: it lacks {missing}")
-    return ckpt
-
-
-def load_checkpoint(path, use_ema=False, device="cpu"):
-    """-> (model in eval mode, checkpoint dict). use_ema picks the EMA weights when present."""
-    ckpt = read_checkpoint(path)
-    model = UMD(ModelConfig(**ckpt["model_config"]))
-    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the model config stored with them: {e}") from None
-    return model.to(device).eval(), ckpt
-
-
-def resize_pos_tables(state_dict, new_grid):
-    """Transfer across resolutions (USP, MAE's interpolate_pos_embed): the position tables pos_enc and
-    pos_dec (1, g*g, D) of state_dict resized to (1, new_grid**2, D), bicubic on their g x g grid; every
-    other weight is kept as is. -> (new state dict, {name: (g, new_grid)} of the tables resized)."""
-    out, resized = dict(state_dict), {}
-    for name in ("pos_enc", "pos_dec"):
-        table = state_dict[name]
-        g = math.isqrt(table.shape[1])
-        if table.ndim != 3 or table.shape[0] != 1 or g * g != table.shape[1]:
-            raise ValueError(f"{name} has shape {tuple(table.shape)}, not (1, g*g, D) of a square grid")
-        if g != new_grid:
-            grid = table.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
-            grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
-            out[name] = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).to(table.dtype)
-            resized[name] = (g, new_grid)
-    return out, resized
-
-
-def load_resized(model, state_dict):
-    """Load the weights of a model trained at another resolution (or number of tokens) into model,
-    resizing its position tables (resize_pos_tables). -> {name: (old grid, new grid)} resized."""
-    have, want = state_dict["patch_embed.weight"].shape, model.patch_embed.weight.shape  # (D, C, p, p)
-    if have != want:
-        raise ValueError(f"the weights have patch size {have[2]}, width {have[0]} and {have[1]} channels, the model "
-                         f"patch size {want[2]}, width {want[0]} and {want[1]} channels: across resolutions only the "
-                         "number of tokens may change (the position tables are resized)")
-    weights, resized = resize_pos_tables(state_dict, model.config.image_size // model.config.patch_size)
-    model.load_state_dict(weights)
-    return resized
-
-
+# ---- helpers -------------------------------------------------------------------------------
 def in_eval_mode(fn):
     """Run fn(model, ...) in eval mode (no label dropout), then give the model its mode back."""
     @functools.wraps(fn)

