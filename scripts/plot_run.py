@@ -50,7 +50,8 @@ def plot(run_dirs, out):
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("plot_run.py needs matplotlib: pip install matplotlib") from None
-    panels = [("loss", lambda k: k == "loss" or k.startswith("val_")), ("few-shot accuracy", lambda k: k.startswith("fewshot_")),
+    panels = [("loss", lambda k: k == "loss" or k.startswith("val_")),
+              ("few-shot accuracy", lambda k: k.startswith("fewshot_")),
               ("FID / IS", lambda k: k.startswith(("fid_", "is_")))]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for run in run_dirs:
