@@ -171,8 +171,8 @@ def run_probe(featurize, x, y, train_idx, tx, ty, test_idx, num_classes, shots, 
     need = np.unique(np.concatenate([p for plan in plans.values() for p in plan[:2 if lambdas else 1]]))
     feats = featurize(Rows(x, train_idx[need]))  # only the train images used
     if len(feats) > 1 and np.ptp(feats, axis=0).max() == 0:
-        warnings.warn("the features are the same for every image: the probe is at chance level "
-                      "(e.g. a freshly initialised AdaLN-Zero model, whose CLS output is constant)")
+        print("note: the features are the same for every image, so this probe is at chance level (expected "
+              "for a freshly initialised AdaLN-Zero model: its CLS output is constant)", file=sys.stderr)
     F_ = lambda pos: feats[np.searchsorted(need, pos)]  # the features of pool positions (all in `need`)
     res = {}
     for (k, seed), (fit_pos, val_pos) in plans.items():
@@ -231,7 +231,7 @@ def main(argv=None):
     t0 = time.time()
     model, ckpt = load_checkpoint(a.ckpt, use_ema=a.ema, device=a.device)
     if a.ema and ckpt.get("ema") is None:
-        warnings.warn(f"{a.ckpt} has no EMA weights; using the raw weights")
+        print(f"note: {a.ckpt} has no EMA weights; using the raw weights", file=sys.stderr)
     noise_t = default_noise_t(ckpt) if a.noise_t is None else (None if a.noise_t < 0 else a.noise_t)
     tc = ckpt.get("train_config") or {}
     data = {}  # name -> (dir, load_probe_data(dir)), all loaded (and checked) before any probing

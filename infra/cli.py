@@ -403,6 +403,11 @@ def check_fid_args(args):
         if not os.path.exists(source):
             raise FileNotFoundError(f"{source} does not exist (expected an npz, a folder of images or a data "
                                     "dir)")
+        if os.path.isfile(os.path.join(source, "meta.json")):  # a data dir: its --split must exist
+            splits = load_meta(source)["splits"]
+            if args.split not in splits:
+                raise ValueError(f"{source} has no {args.split!r} split (meta.json lists {list(splits)}): "
+                                 f"use --split {' or --split '.join(splits)}")
     if args.cmd == "stats":
         folder = os.path.dirname(os.path.abspath(args.out))
         if not args.out.endswith(".npz") or os.path.isdir(args.out):
