@@ -108,7 +108,11 @@ class Attention(nn.Module):
     def forward(self, x):
         N, L, D = x.shape
         q, k, v = self.qkv(x).view(N, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim) by default
+        if x.device.type == "cpu" and q.dtype == torch.bfloat16:  # CPU attention's bf16 backward is ~3x
+            with torch.autocast("cpu", enabled=False):             # slower than fp32's: attention in fp32,
+                x = F.scaled_dot_product_attention(q.float(), k.float(), v.float())  # the matmuls in bf16
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim) by default
         return self.proj(x.transpose(1, 2).reshape(N, L, D))
 
 

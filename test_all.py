@@ -140,7 +140,7 @@ def toy_data(tmp_path_factory):
 def argv(data_dir, out_dir, **kw):
     """train.py flags for a few quick steps of micro/4 on toy data."""
     cfg = dict(data_dir=data_dir, out_dir=str(out_dir), model="micro/4", batch_size=16, max_steps=6,
-               log_interval=1, ckpt_interval=0, lr=2e-3, eval_interval=0)
+               log_interval=1, ckpt_interval=0, lr=2e-3, eval_interval=0, dtype="fp32")
     cfg.update(kw)
     return [f"--{k}={v!r}" for k, v in cfg.items()]
 

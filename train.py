@@ -40,7 +40,8 @@ from data.loader import Batches
 from infra import evals
 from infra.checkpoint import init_from, resume, save_checkpoint
 from infra.config import check_config, check_latent, free_on_resume, help_text, parse_config, plan_run
-from infra.launch import CUDA, Guard, NonFiniteError, StalledError, peak_flops, seed_of, setup_distributed
+from infra.launch import (CPU_BF16, CUDA, Guard, NonFiniteError, StalledError, peak_flops, seed_of,
+                          setup_distributed)
 from infra.logs import JsonLog, Meter, describe_run, step_line
 from model import UMD, ModelConfig
 
@@ -83,7 +84,8 @@ class Config:
     crop_area_min: float = 0.8    # random resized crop area in [crop_area_min, 1], aspect in [3/4, 4/3]
     hflip: bool = True
     device: str = "cuda" if CUDA else "cpu"
-    dtype: str = "bf16" if CUDA else "fp32"  # autocast dtype: "bf16" or "fp32"
+    dtype: str = "bf16" if CUDA or CPU_BF16 else "fp32"  # autocast dtype; on a CPU bf16 where it has native
+                                  # bf16 (AVX512-BF16, AMX: faster there), else fp32
     compile: bool = False         # torch.compile the model
     seed: int = 0
     log_interval: int = 100       # steps between log lines (stdout and out_dir/log.jsonl)

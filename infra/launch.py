@@ -48,6 +48,20 @@ def setup_distributed(device, timeout_minutes=30):
     return Launch(rank, local_rank, world, str(device))
 
 
+def cpu_has_bf16():
+    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX, read from /proc/cpuinfo): there
+    bf16 autocast trains faster than fp32 (docs/quickstart.md); elsewhere bf16 is emulated, and slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+CPU_BF16 = not CUDA and cpu_has_bf16()
+
+
 def peak_flops(device, dtype):
     """Dense peak FLOP/s of one GPU for MFU (TF32 is half of bf16), or 0 when unknown / not CUDA."""
     if not str(device).startswith("cuda"):
