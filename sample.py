@@ -37,7 +37,7 @@ from data import vae as V
 from infra.checkpoint import load_checkpoint
 from infra.cli import (Progress, check_output, check_sample_args, check_sampling, gather_samples, latent_vae,
                        parse_labels, recon_images, sample_parser, samples_path, write_samples)
-from infra.launch import seed_of, setup_distributed
+from infra.launch import CPU_BF16, seed_of, setup_distributed
 from infra.pictures import save_rows
 from model import from_uint8, in_eval_mode
 
@@ -256,7 +256,7 @@ def run(args, launch, log):
     labels = parse_labels(args.labels)
     sampler = pick_sampler(ckpt.get("scheme"), args.sampler)
     out = samples_path(args, sampler, labelled=bool(model.config.num_classes))
-    auto = torch.bfloat16 if device.type == "cuda" else None
+    auto = torch.bfloat16 if device.type == "cuda" or (device.type == "cpu" and CPU_BF16) else None
     dtype = {"bf16": torch.bfloat16, "fp32": None}.get(args.dtype, auto)
     decode = latent and not args.raw_latents
     if decode:  # loaded before sampling: a missing VAE fails now, not after hours

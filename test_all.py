@@ -1612,6 +1612,19 @@ def test_cli_npz_and_grid(tmp_path, capsys):
     assert "img/s" in err and "ETA" in err and "wrote" in err
 
 
+def test_dtype_auto_is_bf16_where_the_cpu_has_it(tmp_path, monkeypatch):
+    ckpt = write_ckpt(tmp_path / "ckpt.pt", micro(8, perturb=0.05).eval())
+    seen = []
+    real = S.sample_images
+    monkeypatch.setattr(S, "sample_images", lambda *a, **k: seen.append(k["autocast_dtype"]) or real(*a, **k))
+    for native, flag, want in [(True, "auto", torch.bfloat16), (False, "auto", None), (True, "fp32", None),
+                               (False, "bf16", torch.bfloat16)]:
+        monkeypatch.setattr(S, "CPU_BF16", native)
+        S.main(["--ckpt", ckpt, "--num_samples", "2", "--steps", "2", "--dtype", flag, "--quiet",
+                "--out", str(tmp_path / f"{native}_{flag}.npz")])
+        assert seen[-1] == want, (native, flag)
+
+
 def test_unconditional_grayscale_and_latent(tmp_path, capsys):
     ckpt = write_ckpt(tmp_path / "ckpt.pt", micro(8, perturb=0.05).eval())
     S.main(["--ckpt", ckpt, "--num_samples", "3", "--steps", "2", "--out", str(tmp_path / "u.npz"), "--quiet"])

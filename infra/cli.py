@@ -110,7 +110,8 @@ def sample_parser():
     p.add_argument("--out", help="npz path, must end in .npz (default: next to the ckpt); the grid is .png "
                                  "beside it. Never an input or a checkpoint: those are refused")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto: bf16 on CUDA, else fp32")
+                   help="auto: bf16 on CUDA and on CPUs with native bf16 (1.6x fp32's speed "
+                        "there), else fp32")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--vae", help="latent checkpoints: the VAE that decodes (default: the one the checkpoint "
