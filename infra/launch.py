@@ -59,7 +59,7 @@ def cpu_has_bf16():
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-CPU_BF16 = not CUDA and cpu_has_bf16()
+CPU_BF16 = cpu_has_bf16()  # a fact of the CPU, whatever else the machine has
 
 
 def peak_flops(device, dtype):

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from data.common import atomic_write
+from infra.launch import CPU_BF16
 
 
 class JsonLog:
@@ -125,7 +126,8 @@ def describe_run(cfg, raw, knobs, flops, meta, num_images, plan, run, log):
     log(f"data {cfg.data_dir}: {num_images} images {size}x{size}x{meta['channels']}; {plan.total} steps of {B} "
         f"({plan.total / plan.steps_per_epoch:.2f} epochs), micro-batch {plan.micro_batch} x {A} accum x "
         f"{run.world} ranks; peak lr {plan.peak_lr:.3g}, warmup {plan.warmup}; {run.device} {cfg.dtype}"
-        + (" (this CPU has native bf16)" if run.device == "cpu" and cfg.dtype == "bf16" else ""))
+        + ((" (native on this CPU)" if CPU_BF16 else " (emulated on this CPU: slower than fp32)")
+           if run.device == "cpu" and cfg.dtype == "bf16" else ""))
     if cfg.latent:
         log(f"latents of {cfg.vae} times {cfg.latent_scale:g}, {cfg.schedule} schedule: a fresh posterior "
             f"sample per step{', the flip copy with probability 0.5' if cfg.hflip else ''}; no random crop")
